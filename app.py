@@ -1,0 +1,108 @@
+"""prefloop: judge pairs of answers in the browser, train the model on the judgements, serve the result.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--db data/prefloop.duckdb] [--model bundled] [--auth users.json]
+
+Every flag has an environment variable (PREFLOOP_HOST, PREFLOOP_PORT, PREFLOOP_DB, PREFLOOP_MODEL, PREFLOOP_AUTH, …)
+so the same file runs as a Hugging Face Space.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+STARTED = time.monotonic()
+ON_SPACES = bool(os.environ.get("SPACE_ID"))
+SEED_PROMPTS = Path(__file__).resolve().parent / "labeling" / "seed_prompts.txt"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description="prefloop: human feedback in, a better model out")
+    parser.add_argument("--host", default=env("PREFLOOP_HOST", "0.0.0.0" if ON_SPACES else "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(env("PREFLOOP_PORT", env("GRADIO_SERVER_PORT", "7860"))))
+    parser.add_argument("--db", default=env("PREFLOOP_DB", "data/prefloop.duckdb"), help="the DuckDB file")
+    parser.add_argument("--model", default=env("PREFLOOP_MODEL", "bundled"), help="bundled, a HF id or a folder")
+    parser.add_argument("--model-cache", default=env("PREFLOOP_MODEL_CACHE", "data/models"))
+    parser.add_argument("--runs-dir", default=env("PREFLOOP_RUNS", "data/runs"), help="training run folders")
+    parser.add_argument("--auth", default=env("PREFLOOP_AUTH"), help='users.json: {"name": "password", ...}')
+    parser.add_argument("--guidelines", default=env("PREFLOOP_GUIDELINES", "docs/guidelines.md"))
+    parser.add_argument("--queue-size", type=int, default=int(env("PREFLOOP_QUEUE_SIZE", "8")), help="ready pairs")
+    parser.add_argument("--strategy", action="append", choices=["self", "versions"], help="pair strategies")
+    parser.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "160")))
+    parser.add_argument("--lease-minutes", type=float, default=float(env("PREFLOOP_LEASE_MINUTES", "10")))
+    return parser.parse_args(argv)
+
+
+def load_auth(path: str | None) -> list[tuple[str, str]] | None:
+    if not path:
+        return None
+    try:
+        users = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        sys.exit(f"error: --auth {path}: {exc}")
+    if not isinstance(users, dict) or not users or not all(isinstance(v, str) for v in users.values()):
+        sys.exit(f'error: --auth {path} must hold a JSON object {{"name": "password", ...}}')
+    return list(users.items())
+
+
+def create_services(args: argparse.Namespace):
+    from labeling.engine import GenerationEngine, SamplingParams
+    from labeling.pair_queue import PairQueue
+    from labeling.services import Services
+    from storage.db import Store
+    from training.runner import JobRunner
+
+    store = Store(args.db)
+    store.set_base_model(args.model)
+    seed_prompts(store)
+    engine = GenerationEngine(args.model, cache_dir=args.model_cache)
+    queue = PairQueue(
+        store, engine, target=args.queue_size, lease_minutes=args.lease_minutes,
+        strategies=tuple(args.strategy or ["self"]), params=SamplingParams(max_new_tokens=args.max_new_tokens),
+    )  # fmt: skip
+    runner = JobRunner(store, runs_dir=args.runs_dir, base_model=args.model, model_cache=args.model_cache)
+    guidelines = Path(args.guidelines).read_text(encoding="utf-8") if Path(args.guidelines).is_file() else ""
+    services = Services(store, engine, queue, runner, guidelines=guidelines, auth_enabled=bool(args.auth))
+    services.restore_active_version()
+    queue.start()
+    runner.start()
+    return services
+
+
+def seed_prompts(store) -> None:
+    """A new database starts with a few dozen varied prompts so the first pairs exist before any import."""
+    from storage.importers import import_file
+
+    if store.stats().get("prompts", 0) == 0:
+        import_file(store, SEED_PROMPTS, fmt="txt")
+
+
+def _report_first_pair(services) -> None:
+    """Prints how long start-up took until the first pair could be served (the issue asks for ≤ 15 s)."""
+    while services.queue.depth() == 0:
+        time.sleep(0.1)
+    print(f"prefloop: first pair ready {time.monotonic() - STARTED:.1f} s after start", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    auth = load_auth(args.auth)
+    from labeling.ui import CSS, KEYBOARD_JS, build_app
+
+    services = create_services(args)
+    threading.Thread(target=_report_first_pair, args=(services,), daemon=True).start()
+    demo = build_app(services)
+    print(f"prefloop: UI built {time.monotonic() - STARTED:.1f} s after start; serving on http://{args.host}:{args.port}")
+    demo.queue(default_concurrency_limit=8).launch(
+        server_name=args.host, server_port=args.port, auth=auth, head=KEYBOARD_JS, css=CSS, show_error=True
+    )
+
+
+if __name__ == "__main__":
+    main()

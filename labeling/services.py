@@ -1,0 +1,163 @@
+"""What the UI talks to: the store, the generation engine, the pair queue and the job runner, wired once.
+
+Everything the web handlers do that is not drawing goes through here, so the handlers stay plain functions
+and the same operations serve the page, the named API endpoints and the tests.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage.db import canonical_messages
+
+MAX_PROMPT_CHARS = 8_000  # longer than the bundled model's useful context; bigger input is rejected, not cut
+MAX_RATIONALE_CHARS = 4_000
+MAX_EDIT_CHARS = 20_000
+CHOICES = {"A": "A", "B": "B", "tie": "tie", "both_bad": "both_bad", "skip": "skip"}
+
+
+class UserError(ValueError):
+    """A message for the person at the page; shown as is, nothing written."""
+
+
+@dataclass
+class Services:
+    store: object
+    engine: object
+    queue: object
+    runner: object
+    guidelines: str = ""
+    auth_enabled: bool = False
+    _activate_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ---- annotators and votes ---------------------------------------------------------------------------
+    def annotator_name(self, name: str | None) -> str:
+        name = (name or "").strip()
+        if not name:
+            raise UserError("Tell us your name first: every vote records who cast it.")
+        if len(name) > 64 or any(ch in name for ch in "<>\n\r\t"):
+            raise UserError("Names are at most 64 characters, without < > or line breaks.")
+        return name
+
+    def next_pair(self, annotator: str) -> dict | None:
+        return self.queue.next_pair(self.annotator_name(annotator))
+
+    def vote(self, pair_id, annotator: str, choice: str, rationale: str = "", edited: str = "", seconds=None) -> int:
+        annotator = self.annotator_name(annotator)
+        if choice not in CHOICES:
+            raise UserError(f"Unknown choice {choice!r}: use A, B, tie, both_bad or skip.")
+        try:
+            pair_id = int(pair_id)
+        except (TypeError, ValueError):
+            raise UserError(f"There is no pair {pair_id!r}.") from None
+        rationale, edited = (rationale or "").strip(), (edited or "").strip()
+        if len(rationale) > MAX_RATIONALE_CHARS:
+            raise UserError(f"The rationale is over {MAX_RATIONALE_CHARS} characters.")
+        if len(edited) > MAX_EDIT_CHARS:
+            raise UserError(f"The edited answer is over {MAX_EDIT_CHARS} characters.")
+        try:
+            return self.queue.record_vote(
+                pair_id, annotator, choice, rationale=rationale or None, edited_answer=edited or None,
+                time_spent_s=seconds,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+    def undo(self, annotator: str) -> int | None:
+        return self.queue.undo_last(self.annotator_name(annotator))
+
+    def counters(self, annotator: str | None) -> dict:
+        with self.store.read() as cur:
+            total = cur.execute("SELECT count(*) FROM effective_comparisons").fetchone()[0]
+            mine = cur.execute(
+                "SELECT count(*) FROM effective_comparisons WHERE annotator = ? AND created_at >= current_date",
+                [annotator or ""],
+            ).fetchone()[0]
+        return {"mine_today": mine, "total": total, "queue": self.queue.depth()}
+
+    # ---- own prompts ------------------------------------------------------------------------------------
+    def check_prompt(self, text: str) -> list[dict]:
+        text = (text or "").strip()
+        if not text:
+            raise UserError("Type a prompt first.")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise UserError(f"That prompt has {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,}.")
+        try:
+            return canonical_messages(text)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+    def stream_own(self, annotator: str, messages: list[dict]) -> OwnPairStream:
+        """Both sides answer a typed prompt live; once done, the pair is stored and leased to this person."""
+        return OwnPairStream(self, annotator, messages)
+
+    # ---- versions -----------------------------------------------------------------------------------------
+    def activate(self, version_id: int) -> str:
+        """Serve a model version from now on, without restarting: load its adapter, switch, refresh the queue."""
+        version = self.store.get_version(int(version_id))
+        if version is None or version.get("kind", "policy") != "policy":
+            raise UserError(f"There is no policy version {version_id}.")
+        with self._activate_lock:
+            if version.get("adapter_path"):
+                if not Path(version["adapter_path"]).is_dir():
+                    raise UserError(f"The adapter folder of version {version_id} is gone: {version['adapter_path']}")
+                self.engine.load_version(int(version_id), version["adapter_path"])
+            self.engine.set_active(int(version_id))
+            self.store.set_setting("active_version", str(version_id))
+            self.queue.on_version_change(int(version_id))
+        return f"Version {version_id} is now serving; new pairs come from it."
+
+    def restore_active_version(self) -> None:
+        saved = self.store.get_setting("active_version")
+        if saved and saved != "0":
+            try:
+                self.activate(int(saved))
+            except UserError as exc:
+                print(f"could not restore the active version: {exc}")
+
+
+class OwnPairStream:
+    """Iterate for cumulative (text A, text B); afterwards `.pair` is the stored, leased pair (queue format)."""
+
+    def __init__(self, services: Services, annotator: str, messages: list[dict]):
+        self.services, self.annotator, self.messages = services, annotator, messages
+        self.pair: dict | None = None
+
+    def __iter__(self):
+        queue = self.services.queue
+        version = self.services.engine.active_version
+        params_a, params_b = queue.pair_params()
+        stream = self.services.engine.stream_pair(self.messages, params_a, params_b, version, version)
+        yield from stream
+        gen_a, gen_b = stream.result
+        self.pair = queue.add_own_pair(self.annotator, self.messages, gen_a, gen_b)
+
+
+def render_messages(messages: list[dict] | str) -> str:
+    """A prompt (or chat history) as markdown; roles in bold, raw HTML escaped so data never becomes markup."""
+    if isinstance(messages, str):
+        messages = json.loads(messages)
+    parts = []
+    for message in messages:
+        role = message.get("role", "user")
+        if role == "system":
+            parts.append(f"*system:* {escape_html(message['content'])}")
+        else:
+            parts.append(f"**{role}:** {escape_html(message['content'])}")
+    return "\n\n".join(parts)
+
+
+def escape_html(text: str) -> str:
+    """Escape angle brackets outside code fences; markdown code blocks stay readable as written."""
+    out, fenced = [], False
+    for line in (text or "").split("\n"):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            out.append(line)
+        else:
+            out.append(line if fenced else html.escape(line, quote=False))
+    return "\n".join(out)

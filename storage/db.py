@@ -1,0 +1,374 @@
+"""The DuckDB store: one connection per process, a fresh cursor per call, group-committed writes.
+
+Many request threads write at once. Each write is a function of a cursor; writers queue their function, and
+whichever thread holds the write lock runs every queued function in one transaction (group commit), so 32
+threads cost about one commit per batch instead of one each. A write returns only after its COMMIT. If a batch
+fails, each function is retried alone, so one bad write never takes others down with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from storage.migrations import apply_migrations
+
+ROLES = ("system", "user", "assistant")
+CHOICES = ("A", "B", "tie", "both_bad", "skip")
+MAX_FIELD_CHARS = 1_000_000  # one prompt or answer; larger input is refused, not truncated
+
+
+def default_db_path() -> str:
+    return os.environ.get("PREFLOOP_DB", "data/prefloop.duckdb")
+
+
+def canonical_messages(prompt: str | list[dict]) -> list[dict]:
+    """A prompt as a validated chat: [{"role", "content"}...] ending with a user message."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError("a prompt must be a non-empty string or a non-empty list of chat messages")
+    messages = []
+    for i, message in enumerate(prompt):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ValueError(f"message {i + 1} needs a role among {', '.join(ROLES)}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i + 1} has no text content")
+        if len(content) > MAX_FIELD_CHARS:
+            raise ValueError(f"message {i + 1} is over {MAX_FIELD_CHARS:,} characters")
+        messages.append({"role": message["role"], "content": content})
+    if messages[-1]["role"] != "user":
+        raise ValueError("the last message of a prompt must come from the user")
+    if not messages[-1]["content"].strip():
+        raise ValueError("the prompt is empty")
+    return messages
+
+
+def prompt_hash(messages: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+COMPARISON_COLUMNS = ("pair_id", "prompt_id", "generation_a", "generation_b", "annotator", "choice", "rationale",
+                      "edited_answer", "time_spent_s", "source", "supersedes", "dedupe_key")  # fmt: skip
+
+
+class _Pending:
+    """One queued write: `fn(cursor)`; `row` (comparison values) when it can join a multi-row INSERT."""
+
+    __slots__ = ("fn", "row", "result", "error", "done")
+
+    def __init__(self, fn: Callable, row: list | None = None):
+        self.fn, self.row, self.result, self.error, self.done = fn, row, None, None, False
+
+
+class Store:
+    def __init__(self, path: str | Path | None = None):
+        path = str(path if path is not None else default_db_path())
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._con = duckdb.connect(path)
+        self._write_lock = threading.Lock()
+        self._pending_ready = threading.Condition()
+        self._pending: list[_Pending] = []
+        self._committer: threading.Thread | None = None
+        self._closing = False
+        apply_migrations(self._con)
+
+    def close(self) -> None:
+        with self._pending_ready:
+            self._closing = True
+            self._pending_ready.notify_all()
+        if self._committer is not None:
+            self._committer.join(timeout=10)
+        with self._write_lock:
+            self._con.close()
+
+    # ---- cursors and transactions -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        cur = self._con.cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One explicit transaction under the write lock: everything inside commits together or not at all."""
+        with self._write_lock:
+            cur = self._con.cursor()
+            cur.execute("BEGIN")
+            try:
+                yield cur
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            finally:
+                cur.close()
+
+    def write(self, fn: Callable[[Any], Any], cur=None, row: list | None = None):
+        """Run fn(cursor) in a committed transaction (group-committed with concurrent writers); its result."""
+        if cur is not None:  # already inside the caller's transaction
+            return fn(cur)
+        item = _Pending(fn, row)
+        with self._pending_ready:
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._commit_loop, name="duckdb-committer", daemon=True)
+                self._committer.start()
+            self._pending.append(item)
+            self._pending_ready.notify_all()
+            while not item.done:
+                self._pending_ready.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _commit_loop(self) -> None:
+        """The one thread that commits queued writes: whatever queued up during a commit goes in the next one."""
+        while True:
+            with self._pending_ready:
+                while not self._pending and not self._closing:
+                    self._pending_ready.wait()
+                if self._closing and not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+            with self._write_lock:
+                self._run_batch(batch)
+            with self._pending_ready:
+                self._pending_ready.notify_all()
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        cur = self._con.cursor()
+        try:
+            try:
+                cur.execute("BEGIN")
+                results = {id(item): item.fn(cur) for item in batch if item.row is None}
+                results.update(_insert_comparison_rows(cur, [item for item in batch if item.row is not None]))
+                cur.execute("COMMIT")
+            except Exception:
+                cur.execute("ROLLBACK")
+                results = None
+            if results is not None:
+                for item in batch:
+                    item.result, item.done = results[id(item)], True
+                return
+            for item in batch:  # the batch failed: each alone, so only the bad one fails
+                try:
+                    cur.execute("BEGIN")
+                    item.result = item.fn(cur)
+                    cur.execute("COMMIT")
+                except Exception as exc:
+                    cur.execute("ROLLBACK")
+                    item.error = exc
+                item.done = True
+        finally:
+            cur.close()
+
+    # ---- prompts, generations, annotators -----------------------------------------------------------------
+    def add_prompt(self, messages: str | list[dict], source: str, cur=None) -> int:
+        messages = canonical_messages(messages)
+        digest = prompt_hash(messages)
+
+        def insert(c) -> int:
+            found = c.execute("SELECT id FROM prompts WHERE hash = ?", [digest]).fetchone()
+            if found:
+                return int(found[0])
+            c.execute(
+                "INSERT INTO prompts (id, hash, messages, text, source) VALUES (nextval('prompts_id_seq'), ?, ?, ?, ?) "
+                "RETURNING id",
+                [digest, json.dumps(messages, ensure_ascii=False), messages[-1]["content"], source],
+            )
+            return int(c.fetchone()[0])
+
+        return self.write(insert, cur)
+
+    def add_generation(self, prompt_id: int, text: str, *, model_version_id: int | None = None,
+                       model_name: str | None = None, params: dict | None = None, token_count: int | None = None,
+                       latency_ms: float | None = None, cur=None) -> int:  # fmt: skip
+        if not isinstance(text, str):
+            raise ValueError("a generation's text must be a string")
+        if len(text) > MAX_FIELD_CHARS:
+            raise ValueError(f"an answer is over {MAX_FIELD_CHARS:,} characters")
+        values = [prompt_id, model_version_id, model_name, json.dumps(params or {}), text, token_count, latency_ms]
+
+        def insert(c) -> int:
+            c.execute(
+                "INSERT INTO generations (id, prompt_id, model_version_id, model_name, params, text, token_count, "
+                "latency_ms) VALUES (nextval('generations_id_seq'), ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                values,
+            )
+            return int(c.fetchone()[0])
+
+        return self.write(insert, cur)
+
+    def ensure_annotator(self, name: str, cur=None) -> None:
+        name = _annotator(name)
+        self.write(lambda c: c.execute("INSERT INTO annotators (name) VALUES (?) ON CONFLICT DO NOTHING", [name]), cur)
+
+    # ---- comparisons --------------------------------------------------------------------------------------
+    def add_comparison(self, *, prompt_id: int, generation_a: int, generation_b: int, annotator: str, choice: str,
+                       pair_id: int | None = None, rationale: str | None = None, edited_answer: str | None = None,
+                       time_spent_s: float | None = None, source: str = "ui", supersedes: int | None = None,
+                       dedupe_key: str | None = None, cur=None) -> int | None:  # fmt: skip
+        """Append a judgement. Returns its id, or None when `dedupe_key` was already stored (a re-import)."""
+        annotator = _annotator(annotator)
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
+        for label, value in (("rationale", rationale), ("edited answer", edited_answer)):
+            if value is not None and len(value) > MAX_FIELD_CHARS:
+                raise ValueError(f"the {label} is over {MAX_FIELD_CHARS:,} characters")
+        values = [pair_id, prompt_id, generation_a, generation_b, annotator, choice, rationale, edited_answer,
+                  time_spent_s, source, supersedes, dedupe_key]  # fmt: skip
+
+        def insert(c) -> int | None:
+            if dedupe_key and c.execute("SELECT 1 FROM comparisons WHERE dedupe_key = ?", [dedupe_key]).fetchone():
+                return None
+            return _insert_comparison_rows(c, [_Pending(insert, values)]).popitem()[1]
+
+        bulk = dedupe_key is None and cur is None  # plain votes join the next multi-row INSERT
+        return self.write(insert, cur, row=values if bulk else None)
+
+    def undo_comparison(self, comparison_id: int, annotator: str, cur=None) -> int:
+        """Append an 'undone' row superseding the comparison (the table stays append-only)."""
+        annotator = _annotator(annotator)
+
+        def insert(c) -> int:
+            row = c.execute(
+                "SELECT pair_id, prompt_id, generation_a, generation_b FROM effective_comparisons "
+                "WHERE id = ? AND annotator = ?",
+                [comparison_id, annotator],
+            ).fetchone()
+            if row is None:
+                raise ValueError(f"comparison {comparison_id} is not an active judgement of {annotator}")
+            c.execute(
+                "INSERT INTO comparisons (id, pair_id, prompt_id, generation_a, generation_b, annotator, choice, "
+                "source, supersedes) VALUES (nextval('comparisons_id_seq'), ?, ?, ?, ?, ?, 'undone', 'undo', ?) "
+                "RETURNING id",
+                [*row, annotator, comparison_id],
+            )
+            return int(c.fetchone()[0])
+
+        return self.write(insert, cur)
+
+    # ---- model versions and settings ----------------------------------------------------------------------
+    def add_version(self, *, kind: str = "policy", base_model: str, adapter_path: str | None = None,
+                    parent_id: int | None = None, run_id: int | None = None, notes: str | None = None,
+                    metrics: dict | None = None, trained_on: list[int] | None = None,
+                    reward_model_id: int | None = None) -> int:  # fmt: skip
+        if kind not in ("policy", "reward"):
+            raise ValueError(f"a model version is a policy or a reward model, not {kind!r}")
+        values = [kind, base_model, adapter_path, parent_id, run_id, notes, json.dumps(metrics or {}),
+                  json.dumps(trained_on or []), reward_model_id]  # fmt: skip
+
+        def insert(c) -> int:
+            c.execute(
+                "INSERT INTO model_versions (id, kind, base_model, adapter_path, parent_id, run_id, notes, metrics, "
+                "trained_on, reward_model_id) VALUES (nextval('model_versions_id_seq'), ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "RETURNING id",
+                values,
+            )
+            return int(c.fetchone()[0])
+
+        return self.write(insert)
+
+    def get_version(self, version_id: int) -> dict | None:
+        rows = self._dicts("SELECT * FROM model_versions WHERE id = ?", [version_id])
+        return _decode_version(rows[0]) if rows else None
+
+    def list_versions(self, kind: str = "policy") -> list[dict]:
+        return [_decode_version(r) for r in self._dicts("SELECT * FROM model_versions WHERE kind = ? ORDER BY id", [kind])]
+
+    def set_base_model(self, base_model: str) -> None:
+        self.write(lambda c: c.execute("UPDATE model_versions SET base_model = ? WHERE id = 0", [base_model]))
+
+    def get_setting(self, key: str) -> str | None:
+        with self.read() as cur:
+            row = cur.execute("SELECT value FROM app_settings WHERE key = ?", [key]).fetchone()
+        return row[0] if row else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.write(
+            lambda c: c.execute(
+                "INSERT INTO app_settings VALUES (?, ?, now()) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = now()",
+                [key, value],
+            )
+        )
+
+    # ---- views --------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self.read() as cur:
+            count = lambda sql: cur.execute(sql).fetchone()[0]  # noqa: E731
+            grouped = lambda sql: {str(k): v for k, v in cur.execute(sql).fetchall()}  # noqa: E731
+            return {
+                "prompts": count("SELECT count(*) FROM prompts"),
+                "generations": count("SELECT count(*) FROM generations"),
+                "comparisons": count("SELECT count(*) FROM effective_comparisons"),
+                "pairs_ready": count("SELECT count(*) FROM pairs WHERE status = 'ready'"),
+                "per_choice": grouped("SELECT choice, count(*) FROM effective_comparisons GROUP BY 1 ORDER BY 1"),
+                "per_annotator": grouped("SELECT annotator, count(*) FROM effective_comparisons GROUP BY 1 ORDER BY 1"),
+                "per_source": grouped("SELECT source, count(*) FROM effective_comparisons GROUP BY 1 ORDER BY 1"),
+                "per_model_version": grouped(
+                    "SELECT coalesce('v' || g.model_version_id::VARCHAR, g.model_name, '?'), count(*) "
+                    "FROM effective_comparisons c JOIN generations g ON g.id IN (c.generation_a, c.generation_b) "
+                    "GROUP BY 1 ORDER BY 1"
+                ),
+            }
+
+    def recent_comparisons(self, limit: int = 50) -> list[dict]:
+        return self._dicts(
+            "SELECT c.id, c.created_at, c.annotator, c.choice, p.text AS prompt, ga.text AS answer_a, "
+            "gb.text AS answer_b, c.rationale, c.edited_answer AS edited, c.generation_a, c.generation_b "
+            "FROM effective_comparisons c JOIN prompts p ON p.id = c.prompt_id "
+            "JOIN generations ga ON ga.id = c.generation_a JOIN generations gb ON gb.id = c.generation_b "
+            "ORDER BY c.id DESC LIMIT ?",
+            [int(limit)],
+        )
+
+    def _dicts(self, sql: str, params: list | None = None) -> list[dict]:
+        with self.read() as cur:
+            cur.execute(sql, params or [])
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def _insert_comparison_rows(cur, items: list[_Pending]) -> dict[int, int]:
+    """One multi-row INSERT for many comparisons (≈15× faster than one statement each). Returns {id(item): id}."""
+    if not items:
+        return {}
+    names = sorted({item.row[4] for item in items})
+    cur.execute(
+        f"INSERT INTO annotators (name) VALUES {', '.join(['(?)'] * len(names))} ON CONFLICT DO NOTHING", names
+    )
+    ids = [r[0] for r in cur.execute("SELECT nextval('comparisons_id_seq') FROM range(?)", [len(items)]).fetchall()]
+    placeholders = ", ".join(["(" + ", ".join(["?"] * (len(COMPARISON_COLUMNS) + 1)) + ")"] * len(items))
+    params = [value for new_id, item in zip(ids, items, strict=True) for value in (new_id, *item.row)]
+    cur.execute(f"INSERT INTO comparisons (id, {', '.join(COMPARISON_COLUMNS)}) VALUES {placeholders}", params)
+    return {id(item): int(new_id) for new_id, item in zip(ids, items, strict=True)}
+
+
+def _annotator(name: str) -> str:
+    name = (name or "").strip() if isinstance(name, str) else ""
+    if not name:
+        raise ValueError("every judgement needs an annotator name")
+    return name
+
+
+def _decode_version(row: dict) -> dict:
+    for key in ("metrics", "trained_on"):
+        if isinstance(row.get(key), str):
+            row[key] = json.loads(row[key])
+    return row

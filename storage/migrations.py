@@ -1,0 +1,92 @@
+"""Schema changes as numbered functions, applied in order on open and recorded in `migrations`.
+
+Never edit a migration that has shipped: add the next one. Tests apply MIGRATIONS[:k] to a file, reopen it
+with the full list, and check that nothing is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def m001_initial(cur) -> None:
+    for table in ("prompts", "generations", "pairs", "comparisons", "training_runs"):
+        cur.execute(f"CREATE SEQUENCE {table}_id_seq START 1")
+    cur.execute("CREATE SEQUENCE model_versions_id_seq START 1")  # version 0 is the base, inserted below
+    cur.execute(
+        """CREATE TABLE prompts (
+            id BIGINT PRIMARY KEY, hash VARCHAR NOT NULL UNIQUE, messages JSON NOT NULL, text VARCHAR NOT NULL,
+            source VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL DEFAULT now())"""
+    )
+    cur.execute("CREATE TABLE annotators (name VARCHAR PRIMARY KEY, created_at TIMESTAMP NOT NULL DEFAULT now())")
+    cur.execute(
+        """CREATE TABLE model_versions (
+            id INTEGER PRIMARY KEY, kind VARCHAR NOT NULL DEFAULT 'policy', base_model VARCHAR NOT NULL,
+            adapter_path VARCHAR, parent_id INTEGER, run_id INTEGER, created_at TIMESTAMP NOT NULL DEFAULT now(),
+            notes VARCHAR, metrics JSON, trained_on JSON, reward_model_id INTEGER)"""
+    )
+    cur.execute("INSERT INTO model_versions (id, kind, base_model, notes) VALUES (0, 'policy', 'bundled', 'base')")
+    cur.execute(
+        """CREATE TABLE generations (
+            id BIGINT PRIMARY KEY, prompt_id BIGINT NOT NULL, model_version_id INTEGER, model_name VARCHAR,
+            params JSON, text VARCHAR NOT NULL, token_count INTEGER, latency_ms DOUBLE,
+            created_at TIMESTAMP NOT NULL DEFAULT now())"""
+    )
+    cur.execute(
+        """CREATE TABLE pairs (
+            id BIGINT PRIMARY KEY, prompt_id BIGINT NOT NULL, strategy VARCHAR NOT NULL, generation_a BIGINT NOT NULL,
+            generation_b BIGINT NOT NULL, status VARCHAR NOT NULL DEFAULT 'ready', leased_to VARCHAR,
+            lease_expires TIMESTAMP, created_at TIMESTAMP NOT NULL DEFAULT now())"""
+    )
+    cur.execute(
+        """CREATE TABLE comparisons (
+            id BIGINT PRIMARY KEY, pair_id BIGINT, prompt_id BIGINT NOT NULL, generation_a BIGINT NOT NULL,
+            generation_b BIGINT NOT NULL, annotator VARCHAR NOT NULL, choice VARCHAR NOT NULL, rationale VARCHAR,
+            edited_answer VARCHAR, time_spent_s DOUBLE, source VARCHAR NOT NULL, supersedes BIGINT,
+            dedupe_key VARCHAR UNIQUE, created_at TIMESTAMP NOT NULL DEFAULT now())"""
+    )
+    cur.execute(
+        """CREATE TABLE training_runs (
+            id INTEGER PRIMARY KEY, method VARCHAR NOT NULL, status VARCHAR NOT NULL, config JSON, run_dir VARCHAR,
+            snapshot_rows INTEGER, pid INTEGER, parent_version INTEGER, result_version INTEGER,
+            created_at TIMESTAMP NOT NULL DEFAULT now(), started_at TIMESTAMP, finished_at TIMESTAMP,
+            metrics JSON, error VARCHAR)"""
+    )
+    cur.execute(
+        """CREATE VIEW effective_comparisons AS
+            SELECT c.* FROM comparisons c
+            WHERE c.choice IN ('A', 'B', 'tie', 'both_bad')
+              AND NOT EXISTS (SELECT 1 FROM comparisons later WHERE later.supersedes = c.id)"""
+    )
+
+
+def m002_settings(cur) -> None:
+    """Small key/value settings that must survive a restart (e.g. which model version is being served)."""
+    cur.execute("CREATE TABLE app_settings (key VARCHAR PRIMARY KEY, value VARCHAR, updated_at TIMESTAMP)")
+
+
+MIGRATIONS: list[Callable] = [m001_initial, m002_settings]
+
+
+def apply_migrations(con, migrations: list[Callable] | None = None) -> list[str]:
+    """Apply the migrations not yet recorded, each in its own transaction. Returns the names applied now."""
+    migrations = MIGRATIONS if migrations is None else migrations
+    cur = con.cursor()
+    cur.execute(
+        "CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP)"
+    )
+    done = {row[0] for row in cur.execute("SELECT id FROM migrations").fetchall()}
+    applied = []
+    for number, migration in enumerate(migrations, start=1):
+        if number in done:
+            continue
+        cur.execute("BEGIN")
+        try:
+            migration(cur)
+            cur.execute("INSERT INTO migrations VALUES (?, ?, now())", [number, migration.__name__])
+            cur.execute("COMMIT")
+        except Exception:
+            cur.execute("ROLLBACK")
+            raise
+        applied.append(migration.__name__)
+    return applied

@@ -1,0 +1,23 @@
+"""Preference data written through the real store: a clear rule (polite, complete answers beat curt ones)."""
+
+from __future__ import annotations
+
+TOPICS = ["rivers", "tea", "bicycles", "the moon", "bread", "owls", "rain", "chess", "maps", "music",
+          "glass", "trees", "clocks", "salt", "bridges", "snow", "honey", "trains", "paper", "stars"]  # fmt: skip
+
+
+def seed_preferences(store, n: int = 40, annotator: str = "tester") -> list[int]:
+    """n comparisons on n prompts; the chosen side is a friendly full sentence, the other a curt reply."""
+    ids = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        prompt = store.add_prompt([{"role": "user", "content": f"Tell me one fact about {topic} (#{i})."}], "test")
+        good = store.add_generation(
+            prompt, f"Happy to help! Here is a fact about {topic}: it has a long and interesting history.",
+            model_version_id=0, params={"seed": i},
+        )  # fmt: skip
+        bad = store.add_generation(prompt, "No.", model_version_id=0, params={"seed": i + 1000})
+        a, b, choice = (good, bad, "A") if i % 2 == 0 else (bad, good, "B")
+        ids.append(store.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator=annotator,
+                                        choice=choice, source="test"))  # fmt: skip
+    return ids

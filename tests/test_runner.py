@@ -1,0 +1,140 @@
+"""The job runner the UI uses: real child processes, real TRL, real DuckDB rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from storage.db import Store
+from tests.datahelpers import seed_preferences
+from training.runner import JobRunner, RunRejected, read_progress
+
+QUICK = {"max_steps": 2, "batch_size": 2, "max_length": 64}  # a few seconds on the tiny model
+
+
+@pytest.fixture()
+def store(tmp_path):
+    store = Store(tmp_path / "runs.duckdb")
+    yield store
+    store.close()
+
+
+def runner_for(store, tmp_path, model_dir) -> JobRunner:
+    return JobRunner(store, runs_dir=tmp_path / "runs", base_model=str(model_dir), model_cache=tmp_path / "cache")
+
+
+def run_rows(store) -> list[tuple]:
+    with store.read() as cur:
+        return cur.execute("SELECT id, status FROM training_runs ORDER BY id").fetchall()
+
+
+def test_validation_refuses_and_launches_nothing(store, tmp_path, tiny_model_dir):
+    runner = runner_for(store, tmp_path, tiny_model_dir)
+    seed_preferences(store, 2)
+    with pytest.raises(RunRejected, match="only 2 usable preference pairs"):
+        runner.submit("dpo", QUICK)
+    seed_preferences(store, 10)
+    with pytest.raises(RunRejected, match="learning rate must be a number above 0"):
+        runner.submit("dpo", {**QUICK, "learning_rate": -1})
+    with pytest.raises(RunRejected, match="far too high"):
+        runner.submit("dpo", {**QUICK, "learning_rate": 5.0})
+    with pytest.raises(RunRejected, match="no reward model"):
+        runner.submit("ppo", QUICK)
+    with pytest.raises(RunRejected, match="version 7 does not exist"):
+        runner.submit("dpo", QUICK, parent_version=7)
+    assert run_rows(store) == []
+
+
+def test_failing_child_is_marked_failed_with_its_log(store, tmp_path, tiny_model_dir):
+    runner = runner_for(store, tmp_path, tiny_model_dir)
+    seed_preferences(store, 8)
+    run_id = runner.submit("dpo", {**QUICK, "lora_target_modules": "no_such_module"})
+    status = runner.wait(run_id, timeout=300)
+    assert status.status == "failed"
+    assert "no_such_module" in status.error  # the log tail names the cause
+    assert status.result_version is None
+
+
+def test_cancel_stops_a_running_child(store, tmp_path, tiny_model_dir):
+    runner = runner_for(store, tmp_path, tiny_model_dir)
+    seed_preferences(store, 16)
+    run_id = runner.submit("dpo", {**QUICK, "max_steps": 2000})
+    deadline = time.monotonic() + 180
+    while not any(e.get("event") == "progress" for e in read_progress(runner.status(run_id).run_dir)):
+        assert time.monotonic() < deadline, "no progress line within 180 s"
+        runner.tick()
+        time.sleep(0.2)
+    assert runner.cancel(run_id) == "stopping at the next step"
+    status = runner.wait(run_id, timeout=120)
+    assert status.status == "cancelled"
+    assert status.last["step"] < 2000
+
+
+def test_restart_marks_orphans_failed_and_keeps_the_queue(store, tmp_path, tiny_model_dir):
+    with store.transaction() as cur:
+        cur.execute(
+            "INSERT INTO training_runs (id, method, status, pid, run_dir, created_at) "
+            "VALUES (nextval('training_runs_id_seq'), 'dpo', 'running', 999999, ?, now())",
+            [str(tmp_path / "gone")],
+        )
+    runner = runner_for(store, tmp_path, tiny_model_dir)  # a fresh app start
+    assert run_rows(store)[0][1] == "failed"
+    with store.read() as cur:
+        assert "stopped while this run was running" in cur.execute("SELECT error FROM training_runs").fetchone()[0]
+    runner.stop()
+
+
+@pytest.mark.slow
+def test_dpo_on_the_bundled_model_end_to_end(store, tmp_path, bundled_model_dir):
+    """~40 comparisons → a real DPO run through the runner → a version that changes what the engine says."""
+    from labeling.engine import GenerationEngine, SamplingParams
+
+    trained_on = seed_preferences(store, 40)
+    runner = JobRunner(store, runs_dir=tmp_path / "runs", base_model="bundled", model_cache=bundled_model_dir.parent)
+    run_id = runner.submit("dpo", {"max_steps": 3, "batch_size": 4, "max_length": 96, "learning_rate": 1e-3})
+    status = runner.wait(run_id, timeout=600)
+    assert status.status == "succeeded", status.error
+    assert [e["event"] for e in status.progress][0] == "start" and status.progress[-1]["event"] == "end"
+
+    adapter = Path(status.run_dir) / "adapter"
+    weights = load_file(adapter / "adapter_model.safetensors")
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: any nonzero B is learned
+
+    base_before = load_file(bundled_model_dir / "model.safetensors")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bundled_model_dir), str(adapter))
+    base_after = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                  for n, p in model.named_parameters() if "lora_" not in n}  # fmt: skip
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.5.mlp.down_proj.weight"):
+        assert torch.equal(base_before[name], base_after[name].detach()), name
+
+    version = store.get_version(status.result_version)
+    assert version["parent_id"] == 0 and version["run_id"] == run_id
+    assert sorted(json.loads(version["trained_on"]) if isinstance(version["trained_on"], str)
+                  else version["trained_on"]) == sorted(trained_on)  # fmt: skip
+    with store.read() as cur:
+        assert cur.execute("SELECT status FROM training_runs WHERE id = ?", [run_id]).fetchone()[0] == "succeeded"
+
+    engine = GenerationEngine("bundled", cache_dir=bundled_model_dir.parent)
+    try:
+        messages = [{"role": "user", "content": "Tell me one fact about tea."}]
+        params = SamplingParams(temperature=0.7, max_new_tokens=24, seed=7)
+        before = engine.submit(messages, params, version=0).result(timeout=120).text
+        engine.load_version(status.result_version, str(adapter))
+        engine.set_active(status.result_version)
+        after = engine.submit(messages, params, version=status.result_version).result(timeout=120).text
+        again = engine.submit(messages, params, version=0).result(timeout=120).text
+    finally:
+        engine.close()
+    assert before == again  # same seed, same version → same text
+    assert after != before  # the new version answers differently
+    assert os.path.isdir(status.run_dir)

@@ -1,0 +1,368 @@
+"""The job runner in the app process: one training child at a time, the rest wait in a queue.
+
+The app never imports torch training code. A run is: a row in `training_runs`, a run folder holding a data
+snapshot (the live DuckDB file is locked by the app) and a `run.yaml`, and a child process
+`python -m training METHOD --config run.yaml` whose progress we read from `progress.jsonl`.
+A background thread (`start()`) advances the queue; `tick()` does one step of it (tests call it directly).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from storage.exporters import export_rows
+
+METHODS = ("dpo", "reward", "ppo")
+POLICY_METHODS = ("dpo", "ppo")
+MIN_PAIRS = 4  # below this a preference run learns nothing but noise
+LOG_TAIL_LINES = 30
+
+
+class RunRejected(ValueError):
+    """A run that must not start; the message is shown to the user as is."""
+
+
+@dataclass
+class RunStatus:
+    id: int
+    method: str
+    status: str
+    run_dir: str
+    config: dict
+    metrics: dict
+    error: str | None
+    result_version: int | None
+    parent_version: int | None
+    snapshot_rows: int
+    progress: list[dict] = field(default_factory=list)
+    log_tail: str = ""
+
+    @property
+    def last(self) -> dict:
+        steps = [p for p in self.progress if p.get("event") == "progress"]
+        return steps[-1] if steps else {}
+
+
+def read_progress(run_dir: str | Path) -> list[dict]:
+    """All complete JSON lines of a run's progress file (a half-written last line is skipped)."""
+    path = Path(run_dir) / "progress.jsonl"
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def log_tail(run_dir: str | Path, lines: int = LOG_TAIL_LINES) -> str:
+    path = Path(run_dir) / "log.txt"
+    if not path.is_file():
+        return ""
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    stat = Path(f"/proc/{pid}/stat")  # a zombie (exited, not yet reaped) counts as dead
+    return not (stat.exists() and ") Z " in stat.read_text())
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store,
+        runs_dir: str | Path = "data/runs",
+        base_model: str = "bundled",
+        model_cache: str | Path = "data/models",
+        poll_seconds: float = 1.0,
+    ):
+        self.store = store
+        self.runs_dir = Path(runs_dir)
+        self.base_model = base_model
+        self.model_cache = str(model_cache)
+        self.poll_seconds = poll_seconds
+        self._children: dict[int, subprocess.Popen] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_finished = None  # optional callback(RunStatus) after a run ends
+        self.recover()
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, cancel_running: bool = False) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        if cancel_running:
+            for run_id in list(self._children):
+                self.cancel(run_id)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.tick()
+            except Exception as exc:  # the loop must outlive one bad tick; the error is logged
+                print(f"job runner: {exc!r}", file=sys.stderr)
+
+    def recover(self) -> None:
+        """After a restart, runs show their true state: a child that died with the app is marked failed."""
+        for row in self._rows("status = 'running'"):
+            end = _end_event(row["run_dir"])
+            if end:
+                self._finish(row, end)
+            elif not _pid_alive(row["pid"]):
+                self._set(row["id"], status="failed", error="the app stopped while this run was running", end=True)
+
+    # ---- submitting ------------------------------------------------------------------------------------
+    def usable_pairs(self) -> int:
+        return len(export_rows(self.store, "dpo"))
+
+    def submit(self, method: str, settings: dict | None = None, parent_version: int = 0, chain: dict | None = None):
+        """Validate, snapshot the data into a new run folder and queue the run. Returns the run id."""
+        settings = dict(settings or {})
+        if method not in METHODS:
+            raise RunRejected(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        validate_settings(method, settings)
+        parent = self.store.get_version(parent_version)
+        if parent is None or parent.get("kind", "policy") != "policy":
+            raise RunRejected(f"model version {parent_version} does not exist")
+        if method == "ppo" and not settings.get("reward_model"):
+            raise RunRejected("no reward model: train one first (method 'reward', or the reward → PPO chain)")
+        rows, comparison_ids = self._snapshot_rows(method)
+        if method in ("dpo", "reward") and len(rows) < MIN_PAIRS:
+            raise RunRejected(
+                f"only {len(rows)} usable preference pairs (A or B better, or an edited answer); "
+                f"label at least {MIN_PAIRS} before training"
+            )
+        run_id = self._insert_run(method, parent_version, len(rows))
+        run_dir = self.runs_dir / f"run-{run_id:04d}-{method}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data_path = run_dir / "data.jsonl"
+        with data_path.open("w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        config = {
+            **settings,
+            "data": str(data_path),
+            "out": str(run_dir),
+            "base_model": self.base_model,
+            "model_cache": self.model_cache,
+            "base_version": parent_version,
+        }
+        if parent.get("adapter_path"):
+            config["init_adapter"] = parent["adapter_path"]
+        if method == "ppo":
+            config["prompts"] = str(data_path)
+        (run_dir / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=True), encoding="utf-8")
+        (run_dir / "trained_on.json").write_text(json.dumps(comparison_ids), encoding="utf-8")
+        meta = {"config": config, "chain": chain, "trained_on": len(comparison_ids)}
+        self._set(run_id, run_dir=str(run_dir), config=json.dumps(meta))
+        self.tick()
+        return run_id
+
+    def submit_chain(self, reward_settings: dict, ppo_settings: dict, parent_version: int = 0) -> int:
+        """Reward model first, then PPO against it, as one job chain (the PPO run is queued when the first ends)."""
+        chain = {"method": "ppo", "settings": ppo_settings, "parent_version": parent_version}
+        return self.submit("reward", reward_settings, parent_version=parent_version, chain=chain)
+
+    def _snapshot_rows(self, method: str) -> tuple[list[dict], list[int]]:
+        if method == "ppo":
+            return _prompt_rows(self.store), []
+        rows = export_rows(self.store, "dpo" if method == "dpo" else "reward", with_ids=True)
+        ids = sorted({int(r.pop("comparison_id")) for r in rows})
+        return rows, ids
+
+    # ---- the queue -------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Reap finished children, then start the oldest queued run if nothing is running."""
+        with self._lock:
+            for run_id, child in list(self._children.items()):
+                if child.poll() is not None:
+                    self._children.pop(run_id)
+                    row = self._rows("id = ?", [run_id])[0]
+                    self._finish(row, _end_event(row["run_dir"]), child.returncode)
+            if self._rows("status = 'running'"):
+                return
+            queued = self._rows("status = 'queued' ORDER BY id LIMIT 1")
+            if queued:
+                self._launch(queued[0])
+
+    def _launch(self, row: dict) -> None:
+        run_dir = Path(row["run_dir"])
+        cmd = [sys.executable, "-m", "training", row["method"], "--config", str(run_dir / "run.yaml")]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        with (run_dir / "log.txt").open("ab") as log:
+            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._children[row["id"]] = child
+        self._set(row["id"], status="running", pid=child.pid, start=True)
+
+    def _finish(self, row: dict, end: dict | None, returncode: int | None = None) -> None:
+        status = (end or {}).get("status") or "failed"
+        if status == "succeeded" and returncode not in (0, None):
+            status = "failed"
+        metrics = (end or {}).get("metrics") or _read_json(Path(row["run_dir"]) / "metrics.json") or {}
+        error = None
+        if status == "failed":
+            reason = (end or {}).get("error") or f"the training process exited with code {returncode}"
+            error = f"{reason}\n--- last lines of the log ---\n{log_tail(row['run_dir'])}"
+        version = self._register(row, metrics) if status == "succeeded" else None
+        self._set(row["id"], status=status, metrics=json.dumps(metrics), error=error, result_version=version, end=True)
+        meta = json.loads(row["config"] or "{}")
+        if status == "succeeded" and meta.get("chain") and row["method"] == "reward":
+            chain = meta["chain"]
+            settings = {**chain["settings"], "reward_model": str(Path(row["run_dir"]) / "reward_model")}
+            settings["reward_model_version"] = version
+            try:
+                self.submit(chain["method"], settings, parent_version=chain["parent_version"])
+            except RunRejected as exc:
+                self._set(row["id"], error=f"the chained PPO run could not start: {exc}")
+        if self.on_finished:
+            self.on_finished(self.status(row["id"]))
+
+    def _register(self, row: dict, metrics: dict) -> int:
+        run_dir = Path(row["run_dir"])
+        meta = json.loads(row["config"] or "{}")
+        trained_on = _read_json(run_dir / "trained_on.json") or []
+        if row["method"] == "reward":
+            return self.store.add_version(
+                kind="reward", base_model=self.base_model, adapter_path=str(run_dir / "reward_model"),
+                parent_id=row["parent_version"], run_id=row["id"], metrics=metrics, trained_on=trained_on,
+                notes=f"reward model from run {row['id']}",
+            )  # fmt: skip
+        return self.store.add_version(
+            kind="policy", base_model=self.base_model, adapter_path=str(run_dir / "adapter"),
+            parent_id=row["parent_version"], run_id=row["id"], metrics=metrics, trained_on=trained_on,
+            reward_model_id=meta.get("config", {}).get("reward_model_version"),
+            notes=f"{row['method']} run {row['id']}",
+        )  # fmt: skip
+
+    # ---- control and views -----------------------------------------------------------------------------
+    def cancel(self, run_id: int) -> str:
+        """Queued runs are cancelled at once; a running child gets SIGTERM and stops at its next step."""
+        with self._lock:
+            rows = self._rows("id = ?", [run_id])
+            if not rows:
+                raise RunRejected(f"there is no run {run_id}")
+            row = rows[0]
+            if row["status"] == "queued":
+                self._set(run_id, status="cancelled", end=True)
+                return "cancelled before it started"
+            if row["status"] != "running":
+                return f"run {run_id} is already {row['status']}"
+            if _pid_alive(row["pid"]):
+                os.kill(row["pid"], signal.SIGTERM)
+            return "stopping at the next step"
+
+    def status(self, run_id: int) -> RunStatus | None:
+        rows = self._rows("id = ?", [run_id])
+        if not rows:
+            return None
+        row = rows[0]
+        return RunStatus(
+            id=row["id"], method=row["method"], status=row["status"], run_dir=row["run_dir"] or "",
+            config=json.loads(row["config"] or "{}").get("config", {}), metrics=json.loads(row["metrics"] or "{}"),
+            error=row["error"], result_version=row["result_version"], parent_version=row["parent_version"],
+            snapshot_rows=row["snapshot_rows"] or 0, progress=read_progress(row["run_dir"] or "."),
+            log_tail=log_tail(row["run_dir"] or "."),
+        )  # fmt: skip
+
+    def runs(self, limit: int = 20) -> list[dict]:
+        return self._rows(f"TRUE ORDER BY id DESC LIMIT {int(limit)}")
+
+    def latest_run_id(self) -> int | None:
+        rows = self._rows("TRUE ORDER BY id DESC LIMIT 1")
+        return rows[0]["id"] if rows else None
+
+    def wait(self, run_id: int, timeout: float = 900) -> RunStatus:
+        """Block until a run has ended (for the CLI, tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.tick()
+            status = self.status(run_id)
+            if status and status.status in ("succeeded", "failed", "cancelled"):
+                return status
+            time.sleep(0.2)
+        raise TimeoutError(f"run {run_id} did not end within {timeout} s")
+
+    # ---- rows ------------------------------------------------------------------------------------------
+    def _rows(self, where: str, params: list | None = None) -> list[dict]:
+        with self.store.read() as cur:
+            cur.execute(f"SELECT * FROM training_runs WHERE {where}", params or [])
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def _insert_run(self, method: str, parent_version: int, snapshot_rows: int) -> int:
+        with self.store.transaction() as cur:
+            cur.execute(
+                "INSERT INTO training_runs (id, method, status, parent_version, snapshot_rows, created_at) "
+                "VALUES (nextval('training_runs_id_seq'), ?, 'queued', ?, ?, now()) RETURNING id",
+                [method, parent_version, snapshot_rows],
+            )
+            return int(cur.fetchone()[0])
+
+    def _set(self, run_id: int, *, start: bool = False, end: bool = False, **columns) -> None:
+        sets = [f"{name} = ?" for name in columns]
+        sets += ["started_at = now()"] if start else []
+        sets += ["finished_at = now()", "pid = NULL"] if end else []
+        with self.store.transaction() as cur:
+            cur.execute(f"UPDATE training_runs SET {', '.join(sets)} WHERE id = ?", [*columns.values(), run_id])
+
+
+def validate_settings(method: str, settings: dict) -> None:
+    """Cheap checks before anything launches; the child re-validates every field with its dataclass."""
+    positive = ("learning_rate", "beta", "max_steps", "epochs", "batch_size", "lora_r", "lora_alpha", "max_length")
+    for name in positive:
+        if name in settings and settings[name] is not None:
+            value = settings[name]
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise RunRejected(f"{name.replace('_', ' ')} must be a number above 0 (got {value!r})")
+    if settings.get("learning_rate", 0) and settings["learning_rate"] > 0.1:
+        raise RunRejected(f"learning rate {settings['learning_rate']} is far too high for LoRA (try 1e-5 … 1e-3)")
+    if "lora_dropout" in settings and not 0 <= float(settings["lora_dropout"]) < 1:
+        raise RunRejected("lora dropout must be in [0, 1)")
+    if method == "ppo" and settings.get("reward_model") and not Path(settings["reward_model"]).is_dir():
+        raise RunRejected(f"reward model folder {settings['reward_model']} does not exist")
+
+
+def _prompt_rows(store) -> list[dict]:
+    """PPO prompts: those with comparisons first, then the rest."""
+    with store.read() as cur:
+        cur.execute(
+            "SELECT p.messages FROM prompts p LEFT JOIN (SELECT prompt_id, count(*) n FROM effective_comparisons "
+            "GROUP BY prompt_id) c ON c.prompt_id = p.id ORDER BY coalesce(c.n, 0) DESC, p.id"
+        )
+        return [{"prompt": json.loads(m) if isinstance(m, str) else m} for (m,) in cur.fetchall()]
+
+
+def _end_event(run_dir: str | None) -> dict | None:
+    ends = [e for e in read_progress(run_dir or ".") if e.get("event") == "end"]
+    return ends[-1] if ends else None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
