@@ -144,3 +144,30 @@ def test_bad_input_in_the_page_is_refused_and_no_script_runs(browser, tmp_path, 
         page.get_by_text("⚠️").first.wait_for(timeout=10_000)
         assert effective(services, "bob") == []
         page.close()
+
+
+def test_data_tab_imports_shows_errors_and_exports(browser, tmp_path, tiny_model_dir):
+    good = tmp_path / "prefs.jsonl"
+    good.write_text(
+        '{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No."}\n'
+        '{"prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "Rock."}\n',
+        encoding="utf-8",
+    )
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "Name a colour.", "chosen": "Blue."\n', encoding="utf-8")
+    with running_app(tmp_path, tiny_model_dir, queue_size=1, wait_pairs=1) as (url, services):
+        before = services.store.stats()["comparisons"]
+        page = open_page(browser, url, "dana")
+        page.get_by_role("tab", name="Data").click()
+        page.locator("input[type=file]").first.set_input_files(str(broken))
+        page.get_by_role("button", name="Import", exact=True).click()
+        page.get_by_text("Import failed, nothing was written").wait_for(timeout=30_000)
+        assert "broken.jsonl" in page.inner_text("body")
+        assert services.store.stats()["comparisons"] == before
+        page.locator("input[type=file]").first.set_input_files(str(good))
+        page.get_by_role("button", name="Import", exact=True).click()
+        page.get_by_text("✓ Imported").wait_for(timeout=30_000)
+        assert services.store.stats()["comparisons"] == before + 2
+        page.get_by_role("button", name="Export", exact=True).click()
+        page.get_by_text("prefloop-dpo.jsonl").first.wait_for(timeout=30_000)
+        page.close()

@@ -1,0 +1,119 @@
+"""The store itself: migrations, prompt dedupe, append-only corrections, concurrent writers, durability."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import duckdb
+import pytest
+
+from storage.db import Store, canonical_messages
+from storage.migrations import MIGRATIONS, apply_migrations
+
+
+def test_migrations_apply_in_memory_and_are_recorded():
+    store = Store(":memory:")
+    with store.read() as cur:
+        names = [r[0] for r in cur.execute("SELECT name FROM migrations ORDER BY id").fetchall()]
+        tables = {r[0] for r in cur.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    assert names == [m.__name__ for m in MIGRATIONS]
+    assert {"prompts", "generations", "pairs", "comparisons", "annotators", "model_versions", "training_runs"} <= tables
+    assert store.get_version(0)["kind"] == "policy"
+    store.close()
+
+
+@pytest.mark.parametrize("already", range(1, len(MIGRATIONS)))
+def test_a_file_made_by_an_older_migration_set_upgrades_without_loss(tmp_path, already):
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    apply_migrations(con, MIGRATIONS[:already])
+    con.execute(
+        "INSERT INTO prompts (id, hash, messages, text, source) VALUES (nextval('prompts_id_seq'), 'h', '[]', 'hi', 't')"
+    )
+    con.close()
+    store = Store(path)  # applies the rest
+    with store.read() as cur:
+        assert cur.execute("SELECT count(*) FROM migrations").fetchone()[0] == len(MIGRATIONS)
+        assert cur.execute("SELECT text FROM prompts").fetchall() == [("hi",)]
+    store.set_setting("active_version", "3")
+    assert store.get_setting("active_version") == "3"
+    store.close()
+
+
+def test_prompts_are_stored_once_and_validated():
+    store = Store(":memory:")
+    first = store.add_prompt("What is tea?", "test")
+    assert store.add_prompt([{"role": "user", "content": "What is tea?"}], "other") == first
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is tea?"}]
+    assert store.add_prompt(chat, "test") != first
+    for bad, message in [("", "empty"), ([], "non-empty"), ([{"role": "bot", "content": "x"}], "role"),
+                         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "last message")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            canonical_messages(bad)
+    assert store.stats()["prompts"] == 2
+    store.close()
+
+
+def _pair(store):
+    prompt = store.add_prompt("q", "test")
+    return prompt, store.add_generation(prompt, "a", model_version_id=0), store.add_generation(prompt, "b")
+
+
+def test_undo_is_a_superseding_row_and_bad_choices_are_refused():
+    store = Store(":memory:")
+    prompt, a, b = _pair(store)
+    first = store.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator="ann", choice="A")
+    store.undo_comparison(first, "ann")
+    with store.read() as cur:
+        rows = cur.execute("SELECT choice, supersedes FROM comparisons ORDER BY id").fetchall()
+        effective = cur.execute("SELECT count(*) FROM effective_comparisons").fetchone()[0]
+    assert rows == [("A", None), ("undone", first)] and effective == 0
+    with pytest.raises(ValueError, match="choice must be one of"):
+        store.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator="ann", choice="C")
+    with pytest.raises(ValueError, match="annotator"):
+        store.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator=" ", choice="A")
+    with pytest.raises(ValueError, match="not an active judgement"):
+        store.undo_comparison(first, "ann")
+    store.close()
+
+
+def test_sixteen_threads_write_3200_comparisons_all_present_none_twice(tmp_path):
+    store = Store(tmp_path / "c.duckdb")
+    prompt, a, b = _pair(store)
+    ids: list[int] = []
+    lock = threading.Lock()
+
+    def writer(k: int) -> None:
+        mine = [
+            store.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator=f"w{k}", choice="B",
+                                 rationale=f"{k}-{i}")  # fmt: skip
+            for i in range(200)
+        ]
+        with lock:
+            ids.extend(mine)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with store.read() as cur:
+        rationales = [r[0] for r in cur.execute("SELECT rationale FROM comparisons").fetchall()]
+    assert len(ids) == len(set(ids)) == 3200
+    assert sorted(rationales) == sorted(f"{k}-{i}" for k in range(16) for i in range(200))
+    store.close()
+
+
+def test_a_committed_write_survives_a_hard_kill(tmp_path):
+    path = tmp_path / "kill.duckdb"
+    code = (
+        "import os; from storage.db import Store; s = Store(%r); p = s.add_prompt('q', 't'); "
+        "a = s.add_generation(p, 'a'); b = s.add_generation(p, 'b'); "
+        "s.add_comparison(prompt_id=p, generation_a=a, generation_b=b, annotator='k', choice='A'); os._exit(0)"
+    ) % str(path)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    store = Store(path)
+    assert store.stats()["comparisons"] == 1
+    store.close()
