@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,12 @@ def _convert_bundled(cache_dir: Path) -> Path:
                         pass
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process converted it first: keep theirs
+            if not (target / "model.safetensors").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
         return target
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage.db import canonical_messages
+from storage.scores import comparison_scores
 
 MAX_PROMPT_CHARS = 8_000  # longer than the bundled model's useful context; bigger input is rejected, not cut
 MAX_RATIONALE_CHARS = 4_000
@@ -94,6 +95,10 @@ class Services:
     def stream_own(self, annotator: str, messages: list[dict]) -> OwnPairStream:
         """Both sides answer a typed prompt live; once done, the pair is stored and leased to this person."""
         return OwnPairStream(self, annotator, messages)
+
+    def reward_scores(self, comparison_ids: list[int]) -> dict[int, tuple[float | None, float | None]]:
+        """Reward-model scores of both answers of each comparison (empty until a reward model was trained)."""
+        return comparison_scores(self.store, [i for i in comparison_ids if i is not None])
 
     # ---- versions -----------------------------------------------------------------------------------------
     def activate(self, version_id: int) -> str:

@@ -88,7 +88,7 @@ def _recent(services: Services) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=RECENT_COLUMNS)
-    scores = services.reward_scores([r.get("id") for r in rows]) if hasattr(services, "reward_scores") else {}
+    scores = services.reward_scores([r.get("id") for r in rows])
     if scores:
         frame["reward_a"] = [scores.get(r.get("id"), (None, None))[0] for r in rows]
         frame["reward_b"] = [scores.get(r.get("id"), (None, None))[1] for r in rows]

@@ -65,7 +65,16 @@ def m002_settings(cur) -> None:
     cur.execute("CREATE TABLE app_settings (key VARCHAR PRIMARY KEY, value VARCHAR, updated_at TIMESTAMP)")
 
 
-MIGRATIONS: list[Callable] = [m001_initial, m002_settings]
+def m003_reward_scores(cur) -> None:
+    """Scores a reward model gave stored generations (filled after a reward run; shown in the Data tab)."""
+    cur.execute(
+        """CREATE TABLE reward_scores (
+            generation_id BIGINT NOT NULL, reward_model_id INTEGER NOT NULL, score DOUBLE NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT now(), PRIMARY KEY (generation_id, reward_model_id))"""
+    )
+
+
+MIGRATIONS: list[Callable] = [m001_initial, m002_settings, m003_reward_scores]
 
 
 def apply_migrations(con, migrations: list[Callable] | None = None) -> list[str]:
