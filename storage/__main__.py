@@ -1,0 +1,106 @@
+"""`python -m storage import|export|stats`: the store from the command line.
+
+Success prints one JSON line and exits 0; any failure prints one `error: ...` line on stderr and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from storage.db import default_db_path
+from storage.exporters import EXTENSIONS
+from storage.exporters import FORMATS as EXPORT_FORMATS
+from storage.importers import FORMATS as IMPORT_FORMATS
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes too end as one `error:` line and exit code 1 (argparse prints usage and exits 2)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see python -m storage --help)", file=sys.stderr)
+        sys.exit(1)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _Parser(prog="python -m storage", description="Import, export and count judgements.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    db_help = "DuckDB file (default: $PREFLOOP_DB or data/prefloop.duckdb)"
+
+    imp = commands.add_parser("import", help="import a prompt list or a preference dataset")
+    imp.add_argument("path", help="a .txt .csv .json .jsonl or .parquet file")
+    imp.add_argument("--db", default=default_db_path(), help=db_help)
+    imp.add_argument("--format", default="auto", choices=["auto", *IMPORT_FORMATS])
+
+    exp = commands.add_parser("export", help="export judgements as a training dataset")
+    exp.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    exp.add_argument("--out", required=True, help=f"output file ({' or '.join(EXTENSIONS)})")
+    exp.add_argument("--db", default=default_db_path(), help=db_help)
+    exp.add_argument("--push-to-hub", metavar="REPO", help="also upload it as a Hugging Face dataset")
+
+    stats = commands.add_parser("stats", help="counts per choice, annotator, source and model version")
+    stats.add_argument("--db", default=default_db_path(), help=db_help)
+    return parser.parse_args(argv)
+
+
+def open_store(db: str):
+    """The store, or one clear error when the file is locked by another process (DuckDB allows one)."""
+    import duckdb
+
+    from storage.db import Store
+
+    try:
+        return Store(db)
+    except duckdb.IOException as exc:
+        if "lock" in str(exc).lower():
+            raise RuntimeError(
+                f"{db} is open in another process (the app?); stop it or use another --db file"
+            ) from None
+        raise RuntimeError(f"cannot open {db}: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.command == "export" and Path(args.out).suffix.lower() not in EXTENSIONS:
+        raise ValueError(f"--out {args.out} must end in {' or '.join(EXTENSIONS)}")
+    if args.command == "import" and not Path(args.path).is_file():
+        raise ValueError(f"{args.path}: no such file")  # before the database file is created or opened
+    store = open_store(args.db)
+    try:
+        if args.command == "import":
+            from storage.importers import import_file
+
+            return import_file(store, args.path, fmt=args.format)
+        if args.command == "export":
+            from storage.exporters import export, push_to_hub
+
+            result = {"format": args.format, "rows": export(store, args.format, args.out), "out": args.out}
+            if args.push_to_hub:
+                try:
+                    push_to_hub(store, args.format, args.push_to_hub)
+                except Exception as exc:  # network, token or repository trouble: the local file is still good
+                    raise RuntimeError(
+                        f"wrote {args.out}, but pushing to the Hugging Face Hub repo {args.push_to_hub} failed: {exc}"
+                    ) from None
+                result["pushed_to"] = args.push_to_hub
+            return result
+        return store.stats()
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except Exception as exc:  # one line for people, never a traceback
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, ensure_ascii=False, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

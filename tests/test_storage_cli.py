@@ -1,0 +1,126 @@
+"""`python -m storage` as a real subprocess: exit codes, the JSON line on stdout, the one error line on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from storage.db import Store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, db: Path | None = None) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "PREFLOOP_DB"}
+    if db is not None:
+        env["PREFLOOP_DB"] = str(db)  # the --db default comes from the environment
+    return subprocess.run([sys.executable, "-m", "storage", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr  # no traceback
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def comparisons_in(db: Path) -> int:
+    store = Store(db)
+    try:
+        with store.read() as cur:
+            return cur.execute("SELECT count(*) FROM comparisons").fetchone()[0]
+    finally:
+        store.close()
+
+
+def write_prefs(path: Path) -> Path:
+    rows = [{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No."},
+            {"prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "Rock."}]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_import_prints_one_json_line_and_reimport_adds_nothing(tmp_path):
+    db, prefs = tmp_path / "cli.duckdb", write_prefs(tmp_path / "prefs.jsonl")
+    first = run_cli("import", str(prefs), "--db", str(db))
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == {"format": "trl", "prompts": 2, "comparisons": 2}
+    assert len(first.stdout.strip().splitlines()) == 1
+    again = run_cli("import", str(prefs), "--db", str(db), "--format", "trl")
+    assert again.returncode == 0 and json.loads(again.stdout) == json.loads(first.stdout)
+    assert comparisons_in(db) == 2
+
+
+def test_db_default_comes_from_prefloop_db(tmp_path):
+    db = tmp_path / "from-env.duckdb"
+    result = run_cli("import", str(write_prefs(tmp_path / "prefs.jsonl")), db=db)
+    assert result.returncode == 0, result.stderr
+    assert comparisons_in(db) == 2
+
+
+def test_import_errors_are_one_line_and_write_nothing(tmp_path):
+    db = tmp_path / "cli.duckdb"
+    run_cli("import", str(write_prefs(tmp_path / "prefs.jsonl")), "--db", str(db))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "Name a colour.", "chosen": "Blue."\n', encoding="utf-8")
+    assert_one_error_line(run_cli("import", str(broken), "--db", str(db)), "broken.jsonl, line 1", "not valid JSON")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("ok\ncaf\u00e9\n".encode("latin-1"))
+    assert_one_error_line(run_cli("import", str(latin), "--db", str(db)), "latin.txt, line 2", "not UTF-8")
+    assert_one_error_line(run_cli("import", str(tmp_path / "absent.csv"), "--db", str(db)), "absent.csv: no such file")
+    assert comparisons_in(db) == 2
+    missing_db = tmp_path / "never.duckdb"
+    assert_one_error_line(run_cli("import", str(tmp_path / "absent.csv"), "--db", str(missing_db)))
+    assert not missing_db.exists()  # a failed import does not even create the database
+
+
+def test_export_and_stats(tmp_path):
+    db = tmp_path / "cli.duckdb"
+    run_cli("import", str(write_prefs(tmp_path / "prefs.jsonl")), "--db", str(db))
+    out = tmp_path / "dpo.parquet"
+    result = run_cli("export", "--format", "dpo", "--out", str(out), "--db", str(db))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"format": "dpo", "rows": 2, "out": str(out)}
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out).column("chosen").to_pylist()[0] == [{"role": "assistant", "content": "Blue."}]
+    stats = run_cli("stats", "--db", str(db))
+    assert stats.returncode == 0, stats.stderr
+    summary = json.loads(stats.stdout)
+    assert (summary["prompts"], summary["comparisons"], summary["per_source"]) == (2, 2, {"import:trl": 2})
+
+
+def test_export_errors(tmp_path):
+    db = tmp_path / "cli.duckdb"
+    bad_ext = run_cli("export", "--format", "dpo", "--out", str(tmp_path / "out.csv"), "--db", str(db))
+    assert_one_error_line(bad_ext, "out.csv must end in .jsonl or .parquet")
+    bad_format = run_cli("export", "--format", "nope", "--out", str(tmp_path / "out.jsonl"), "--db", str(db))
+    assert_one_error_line(bad_format, "argument --format: invalid choice: 'nope'")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_database_held_by_another_process_is_named_clearly(tmp_path):
+    db = tmp_path / "held.duckdb"
+    holder = Store(db)  # this test process plays the running app
+    try:
+        result = run_cli("stats", "--db", str(db))
+        assert_one_error_line(result, str(db), "is open in another process (the app?)")
+    finally:
+        holder.close()
+    assert run_cli("stats", "--db", str(db)).returncode == 0
+
+
+def test_push_to_hub_failure_is_one_line_and_keeps_the_file(tmp_path):
+    """No network here (HF_HUB_OFFLINE=1): the push fails clearly, the local export is still written."""
+    db = tmp_path / "cli.duckdb"
+    run_cli("import", str(write_prefs(tmp_path / "prefs.jsonl")), "--db", str(db))
+    out = tmp_path / "dpo.jsonl"
+    result = run_cli("export", "--format", "dpo", "--out", str(out), "--db", str(db), "--push-to-hub", "me/prefs")
+    assert_one_error_line(result, f"wrote {out}, but pushing to the Hugging Face Hub repo me/prefs failed")
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
