@@ -339,12 +339,12 @@ class ProgressCallback(TrainerCallback):
         base = {"step": step, "total": total, "epoch": state.epoch}
         if any(key.startswith("eval_") for key in logs):
             fields = {self._name(key.removeprefix("eval_")): value for key, value in logs.items()}
-            self.last_eval = self.writer.eval(**base, **fields)
+            self.last_eval = self.writer.eval(**{**fields, **base})  # our step/total/epoch win over the log's
             return control
         fields = {new: logs[old] for old, new in self.rename.items() if old in logs}
-        self.last = self.writer.progress(**base, loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
-                                         elapsed=round(elapsed, 2), eta=round(eta, 2) if eta is not None else None,
-                                         **fields)  # fmt: skip
+        timing = {"elapsed": round(elapsed, 2), "eta": round(eta, 2) if eta is not None else None}
+        line = {**fields, **base, "loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"), **timing}
+        self.last = self.writer.progress(**line)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -464,6 +464,15 @@ def training_dtype_name() -> str:
     return "bfloat16" if name == "bfloat16" else "float32"
 
 
+def quiet_progress_bars() -> None:
+    """No tqdm bars from transformers/datasets in log.txt (progress.jsonl is the progress record)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_tokenizer_for_training(cfg: CommonConfig, padding_side: str = "left"):
     from labeling.models import load_tokenizer
 
@@ -482,6 +491,7 @@ def load_model_for_training(cfg: CommonConfig, kind: str = "causal"):
 
     from labeling.models import resolve_model
 
+    quiet_progress_bars()
     set_seed(cfg.seed)  # the LoRA A init and any head init are then reproducible
     path = resolve_model(cfg.base_model, cfg.model_cache)
     tokenizer = load_tokenizer_for_training(cfg)
@@ -531,7 +541,7 @@ def trainer_args_kwargs(cfg: CommonConfig) -> dict:
         "per_device_train_batch_size": cfg.batch_size,
         "per_device_eval_batch_size": cfg.batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "activation_checkpointing": cfg.gradient_checkpointing,  # the new name of gradient_checkpointing
         "use_cpu": not on_gpu,
         "bf16": on_gpu and placement.dtype_name == "bfloat16",
         "fp16": on_gpu and placement.dtype_name == "float16",

@@ -1,0 +1,144 @@
+"""LoRA DPO: `python -m training dpo --data SNAPSHOT --out RUN_DIR [--config run.yaml] [--flags]`.
+
+The reference model is never a second copy of the weights:
+- a fresh LoRA (no `init_adapter`): TRL wraps the base with our LoraConfig and computes the reference with the
+  adapter disabled, i.e. the reference is the base model;
+- continuing from an adapter version (`init_adapter`): the policy is that adapter, loaded trainable. TRL 1.12 with
+  peft ≥ 0.20 then adds a frozen copy of it named "ref" and computes the reference through that copy, so the
+  reference is the parent version (what DPO's KL anchor should be); only "default" is trained and saved.
+Reads only the snapshot file; never opens the DuckDB database.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from training.common import (
+    DPO_RENAME,
+    CommonConfig,
+    ConfigError,
+    DataError,
+    ProgressCallback,
+    ProgressWriter,
+    load_model_for_training,
+    load_rows,
+    lora_config,
+    run_method,
+    save_adapter,
+    split_rows,
+    trainer_args_kwargs,
+    write_json,
+)  # fmt: skip
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down")
+
+
+@dataclass
+class PrefDPOConfig(CommonConfig):
+    """LoRA DPO on preference pairs (prompt, chosen, rejected).
+
+    Defaults differ from TRL's DPOConfig on purpose (small data, LoRA, CPU): learning_rate 5e-5 (TRL 1e-6 is for
+    full fine-tuning; LoRA needs more), epochs 2 (TRL 3), beta 0.1 (same), batch_size 4 (TRL 8), max_length 256
+    (TRL 1024), logging every step (TRL 10), gradient checkpointing off (TRL on), bf16 only on a bf16 GPU (TRL
+    always), lora_dropout 0 (TRL disables dropout for DPO anyway). See README "DPO defaults" for the measurement.
+    """
+
+    method_name: ClassVar[str] = "dpo"
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak AdamW learning rate (TRL: 1e-6)"})
+    epochs: float = field(default=2.0, metadata={"help": "passes over the pairs when max_steps is -1 (TRL: 3)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input (0 keeps DPO exact)"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta: higher keeps the policy closer to the reference"})
+    loss_type: str = field(default="sigmoid", metadata={"help": f"DPO loss: {', '.join(LOSS_TYPES)}"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label noise for the 'robust' loss, in [0, 0.5)"})
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.beta > 0:
+            raise ConfigError(f"beta: must be above 0 (got {self.beta})")
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type: {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing: must be in [0, 0.5) (got {self.label_smoothing})")
+
+
+def check_pairs(rows: list[dict], path: str) -> None:
+    """Every row needs a prompt and a non-empty chosen and rejected answer, all in one style (text or chat)."""
+    styles = set()
+    for number, row in enumerate(rows, start=1):
+        missing = [key for key in ("prompt", "chosen", "rejected") if not row.get(key)]
+        if missing:
+            raise DataError(
+                f"{path}, row {number}: missing or empty {', '.join(missing)} (need prompt, chosen, rejected)"
+            )
+        styles.add(tuple(isinstance(row[key], str) for key in ("prompt", "chosen", "rejected")))
+    if len(styles) > 1:
+        raise DataError(f"{path}: rows mix plain-text and chat-message pairs; export them in one style")
+
+
+def train(cfg: PrefDPOConfig, writer: ProgressWriter, cancel: threading.Event) -> dict:
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import DPOConfig, DPOTrainer
+
+    rows = load_rows(cfg.data)
+    check_pairs(rows, cfg.data)
+    train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
+    model, tokenizer = load_model_for_training(cfg, "causal")
+    continued = bool(cfg.init_adapter)
+    args = DPOConfig(
+        **trainer_args_kwargs(cfg), beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing,
+        max_length=cfg.max_length, disable_dropout=cfg.lora_dropout == 0,
+        eval_strategy="epoch" if eval_rows else "no",
+    )  # fmt: skip
+    progress = ProgressCallback(writer, cancel, rename=DPO_RENAME)
+    trainer = DPOTrainer(
+        model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        peft_config=None if continued else lora_config(cfg), callbacks=[progress],
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # progress lines are echoed by the writer already
+    trainer.train()
+    adapter_dir = save_adapter(trainer.model, tokenizer, Path(cfg.out) / "adapter")
+    metrics = summarize(cfg, trainer.state.global_step, progress, len(train_rows), len(eval_rows))
+    if not cancel.is_set() and cfg.before_after_prompts > 0:
+        del trainer, model  # free the training copy before loading the base again for sampling
+        metrics["before_after"] = run_before_after(cfg, adapter_dir, rows)
+    return metrics
+
+
+def summarize(cfg: PrefDPOConfig, steps: int, progress: ProgressCallback, n_train: int, n_eval: int) -> dict:
+    last = progress.last
+    metrics = {
+        "method": "dpo", "steps": steps, "train_rows": n_train, "eval_rows": n_eval,
+        "loss": last.get("loss"), "reward_accuracy": last.get("reward_accuracy"),
+        "reward_margin": last.get("reward_margin"), "train_loss": progress.summary.get("train_loss"),
+        "train_runtime": progress.summary.get("train_runtime"), "base_version": cfg.base_version,
+        "continued_from": cfg.init_adapter,
+        "reference": "parent adapter (frozen copy)" if cfg.init_adapter else "base model (adapter disabled)",
+    }  # fmt: skip
+    metrics.update({f"eval_{k}": v for k, v in progress.last_eval.items() if k not in ("event", "time")})
+    return metrics
+
+
+def run_before_after(cfg: CommonConfig, adapter_dir: Path, rows: list[dict]) -> dict:
+    """Held-out samples from parent and new version; also written to RUN_DIR/before_after.json."""
+    from training.before_after import before_after, heldout_prompts
+
+    started = time.monotonic()
+    prompts = heldout_prompts(rows, cfg.before_after_prompts)
+    result = before_after(cfg, adapter_dir, cfg.init_adapter, prompts, cfg.seed)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    write_json(Path(cfg.out) / "before_after.json", result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_method(PrefDPOConfig, train, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
