@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     services = create_services(args)
     threading.Thread(target=_report_first_pair, args=(services,), daemon=True).start()
     demo = build_app(services)
-    print(f"prefloop: UI built {time.monotonic() - STARTED:.1f} s after start; serving on http://{args.host}:{args.port}")
+    print(
+        f"prefloop: UI built {time.monotonic() - STARTED:.1f} s after start; serving on http://{args.host}:{args.port}"
+    )
     demo.queue(default_concurrency_limit=8).launch(
         server_name=args.host, server_port=args.port, auth=auth, head=KEYBOARD_JS, css=CSS, show_error=True
     )

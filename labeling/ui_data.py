@@ -61,8 +61,7 @@ def build_data_tab(services: Services, demo: gr.Blocks) -> None:
             return f"⚠️ Import failed, nothing was written: {exc}", *load_stats()
         services.queue.wake()
         return (
-            f"✓ Imported {summary['prompts']} prompts and {summary['comparisons']} comparisons "
-            f"({summary['format']}).",
+            f"✓ Imported {summary['prompts']} prompts and {summary['comparisons']} comparisons ({summary['format']}).",
             *load_stats(),
         )
 

@@ -187,8 +187,8 @@ class Store:
             if found:
                 return int(found[0])
             c.execute(
-                "INSERT INTO prompts (id, hash, messages, text, source) VALUES (nextval('prompts_id_seq'), ?, ?, ?, ?) "
-                "RETURNING id",
+                "INSERT INTO prompts (id, hash, messages, text, source) "
+                "VALUES (nextval('prompts_id_seq'), ?, ?, ?, ?) RETURNING id",
                 [digest, json.dumps(messages, ensure_ascii=False), messages[-1]["content"], source],
             )
             return int(c.fetchone()[0])
@@ -289,7 +289,9 @@ class Store:
         return _decode_version(rows[0]) if rows else None
 
     def list_versions(self, kind: str = "policy") -> list[dict]:
-        return [_decode_version(r) for r in self._dicts("SELECT * FROM model_versions WHERE kind = ? ORDER BY id", [kind])]
+        return [
+            _decode_version(r) for r in self._dicts("SELECT * FROM model_versions WHERE kind = ? ORDER BY id", [kind])
+        ]
 
     def set_base_model(self, base_model: str) -> None:
         self.write(lambda c: c.execute("UPDATE model_versions SET base_model = ? WHERE id = 0", [base_model]))
@@ -319,7 +321,9 @@ class Store:
                 "comparisons": count("SELECT count(*) FROM effective_comparisons"),
                 "pairs_ready": count("SELECT count(*) FROM pairs WHERE status = 'ready'"),
                 "per_choice": grouped("SELECT choice, count(*) FROM effective_comparisons GROUP BY 1 ORDER BY 1"),
-                "per_annotator": grouped("SELECT annotator, count(*) FROM effective_comparisons GROUP BY 1 ORDER BY 1"),
+                "per_annotator": grouped(
+                    "SELECT annotator, count(*) FROM effective_comparisons GROUP BY 1 ORDER BY 1"
+                ),
                 "per_source": grouped("SELECT source, count(*) FROM effective_comparisons GROUP BY 1 ORDER BY 1"),
                 "per_model_version": grouped(
                     "SELECT coalesce('v' || g.model_version_id::VARCHAR, g.model_name, '?'), count(*) "

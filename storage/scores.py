@@ -46,9 +46,7 @@ def load_score_file(path: str | Path) -> list[tuple[int, float]]:
 
 def latest_reward_model(store) -> int | None:
     with store.read() as cur:
-        row = cur.execute(
-            "SELECT max(reward_model_id) FROM reward_scores"
-        ).fetchone()
+        row = cur.execute("SELECT max(reward_model_id) FROM reward_scores").fetchone()
     return int(row[0]) if row and row[0] is not None else None
 
 

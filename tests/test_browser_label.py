@@ -105,8 +105,8 @@ def test_label_with_mouse_keyboard_own_prompt_edit_and_skip(browser, tmp_path, t
         wait_votes(page, len(expected))
         with services.store.read() as cur:
             own = cur.execute(
-                "SELECT p.text FROM comparisons c JOIN pairs q ON q.id = c.pair_id JOIN prompts p ON p.id = q.prompt_id "
-                "WHERE q.strategy = 'own' AND c.annotator = 'alice'"
+                "SELECT p.text FROM comparisons c JOIN pairs q ON q.id = c.pair_id "
+                "JOIN prompts p ON p.id = q.prompt_id WHERE q.strategy = 'own' AND c.annotator = 'alice'"
             ).fetchall()
         assert own == [("Tell me about rivers.",)]
 

@@ -19,7 +19,15 @@ def test_migrations_apply_in_memory_and_are_recorded():
         names = [r[0] for r in cur.execute("SELECT name FROM migrations ORDER BY id").fetchall()]
         tables = {r[0] for r in cur.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     assert names == [m.__name__ for m in MIGRATIONS]
-    assert {"prompts", "generations", "pairs", "comparisons", "annotators", "model_versions", "training_runs"} <= tables
+    assert {
+        "prompts",
+        "generations",
+        "pairs",
+        "comparisons",
+        "annotators",
+        "model_versions",
+        "training_runs",
+    } <= tables
     assert store.get_version(0)["kind"] == "policy"
     store.close()
 
@@ -30,7 +38,8 @@ def test_a_file_made_by_an_older_migration_set_upgrades_without_loss(tmp_path, a
     con = duckdb.connect(str(path))
     apply_migrations(con, MIGRATIONS[:already])
     con.execute(
-        "INSERT INTO prompts (id, hash, messages, text, source) VALUES (nextval('prompts_id_seq'), 'h', '[]', 'hi', 't')"
+        "INSERT INTO prompts (id, hash, messages, text, source) "
+        "VALUES (nextval('prompts_id_seq'), 'h', '[]', 'hi', 't')"
     )
     con.close()
     store = Store(path)  # applies the rest
@@ -48,8 +57,9 @@ def test_prompts_are_stored_once_and_validated():
     assert store.add_prompt([{"role": "user", "content": "What is tea?"}], "other") == first
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is tea?"}]
     assert store.add_prompt(chat, "test") != first
+    answered = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     for bad, message in [("", "empty"), ([], "non-empty"), ([{"role": "bot", "content": "x"}], "role"),
-                         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "last message")]:  # fmt: skip
+                         (answered, "last message")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             canonical_messages(bad)
     assert store.stats()["prompts"] == 2
@@ -87,8 +97,9 @@ def test_sixteen_threads_write_3200_comparisons_all_present_none_twice(tmp_path)
 
     def writer(k: int) -> None:
         mine = [
-            store.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator=f"w{k}", choice="B",
-                                 rationale=f"{k}-{i}")  # fmt: skip
+            store.add_comparison(
+                prompt_id=prompt, generation_a=a, generation_b=b, annotator=f"w{k}", choice="B", rationale=f"{k}-{i}"
+            )  # fmt: skip
             for i in range(200)
         ]
         with lock:
@@ -109,10 +120,10 @@ def test_sixteen_threads_write_3200_comparisons_all_present_none_twice(tmp_path)
 def test_a_committed_write_survives_a_hard_kill(tmp_path):
     path = tmp_path / "kill.duckdb"
     code = (
-        "import os; from storage.db import Store; s = Store(%r); p = s.add_prompt('q', 't'); "
+        f"import os; from storage.db import Store; s = Store({str(path)!r}); p = s.add_prompt('q', 't'); "
         "a = s.add_generation(p, 'a'); b = s.add_generation(p, 'b'); "
         "s.add_comparison(prompt_id=p, generation_a=a, generation_b=b, annotator='k', choice='A'); os._exit(0)"
-    ) % str(path)
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     store = Store(path)
     assert store.stats()["comparisons"] == 1
