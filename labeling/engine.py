@@ -40,15 +40,13 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        number = lambda value: isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)  # noqa: E731
-        integer = lambda value: isinstance(value, int) and not isinstance(value, bool)  # noqa: E731
-        if not (number(self.temperature) and self.temperature >= 0):
+        if not (_is_number(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a number ≥ 0 (0 = greedy), not {self.temperature!r}")
-        if not (number(self.top_p) and 0 < self.top_p <= 1):
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be a number in (0, 1], not {self.top_p!r}")
-        if not (integer(self.max_new_tokens) and self.max_new_tokens >= 1):
+        if not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be an integer ≥ 1, not {self.max_new_tokens!r}")
-        if not (self.seed is None or integer(self.seed)):
+        if not (self.seed is None or _is_int(self.seed)):
             raise ValueError(f"seed must be an integer or None, not {self.seed!r}")
 
     def to_dict(self) -> dict:
@@ -57,6 +55,14 @@ class SamplingParams:
     def seeded(self) -> SamplingParams:
         """These parameters with a concrete seed (a fresh random one if none was given), so the run is reproducible."""
         return self if self.seed is not None else dataclasses.replace(self, seed=secrets.randbelow(SEED_RANGE))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 @dataclass

@@ -20,17 +20,18 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from labeling.engine import SEED_RANGE, Generation, SamplingParams
+from labeling.pair_leases import AVAILABLE, LeaseDesk, annotator_name, utc_now
 
 STRATEGIES = ("self", "versions")
 SELF_TEMPERATURES = (0.7, 1.0)  # one cooler, one hotter sample: different enough to be worth comparing
 RESERVED_ROWS = 2  # engine batch rows the refill leaves free, so a typed prompt starts streaming at once
 POLL_SECONDS = 2.0  # the refill thread also looks around this often when nobody wakes it
 ERROR_BACKOFF_SECONDS = 5.0
-AVAILABLE = "(status = 'ready' OR (status = 'leased' AND lease_expires <= ?))"
+WAKE_COALESCE_SECONDS = 0.1  # short next to a generation (seconds), long next to a lease (milliseconds)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class PairQueue:
         self._rng = random.Random()
         self._lock = threading.Lock()  # guards _in_flight
         self._in_flight: list[_InFlight] = []
+        self._desk = LeaseDesk(store, self.lease)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -89,6 +91,7 @@ class PairQueue:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._stopping.wait(ERROR_BACKOFF_SECONDS)
             self._wake.wait(POLL_SECONDS)
+            self._stopping.wait(WAKE_COALESCE_SECONDS)  # a burst of leases and votes wakes it once, not per call
             self._wake.clear()
 
     def _top_up(self) -> None:
@@ -259,88 +262,33 @@ class PairQueue:
             )
         self.wake()
 
-    # ---- leasing and votes ------------------------------------------------------------------------------------
+    # ---- leasing and votes (labeling/pair_leases.py batches concurrent callers into shared transactions) ------
     def next_pair(self, annotator: str) -> dict | None:
         """Lease the oldest available pair this person never judged or skipped; None at once if there is none.
         Someone who holds an unexpired lease gets that pair back (a page reload keeps its pair)."""
-        annotator, now = _name(annotator), self._now()
-        with self.store.transaction() as cur:
-            held = cur.execute(
-                "SELECT id FROM pairs WHERE status = 'leased' AND leased_to = ? AND lease_expires > ? ORDER BY id "
-                "LIMIT 1",
-                [annotator, now],
-            ).fetchone()
-            if held is None:
-                held = cur.execute(
-                    f"""SELECT id FROM pairs p WHERE {AVAILABLE} AND NOT EXISTS (
-                          SELECT 1 FROM comparisons c WHERE c.pair_id = p.id AND c.annotator = ?
-                          AND c.choice <> 'undone'
-                          AND NOT EXISTS (SELECT 1 FROM comparisons later WHERE later.supersedes = c.id))
-                        ORDER BY id LIMIT 1""",
-                    [now, annotator],
-                ).fetchone()
-                if held is None:
-                    return None
-                cur.execute(
-                    "UPDATE pairs SET status = 'leased', leased_to = ?, lease_expires = ? WHERE id = ?",
-                    [annotator, now + self.lease, held[0]],
-                )
-        self.wake()  # an available pair was taken: the refill may top up
-        return self.pair_view(held[0])
-
-    def pair_view(self, pair_id: int) -> dict:
-        with self.store.read() as cur:
-            row = cur.execute(
-                "SELECT p.id, pr.messages, ga.text, gb.text, coalesce(ga.model_version_id::VARCHAR, ga.model_name), "
-                "coalesce(gb.model_version_id::VARCHAR, gb.model_name), p.strategy FROM pairs p "
-                "JOIN prompts pr ON pr.id = p.prompt_id JOIN generations ga ON ga.id = p.generation_a "
-                "JOIN generations gb ON gb.id = p.generation_b WHERE p.id = ?",
-                [pair_id],
-            ).fetchone()
-        as_version = lambda v: int(v) if v is not None and v.isdigit() else v  # noqa: E731
-        return {"pair_id": int(row[0]), "messages": json.loads(row[1]), "answer_a": row[2], "answer_b": row[3],
-                "version_a": as_version(row[4]), "version_b": as_version(row[5]), "strategy": row[6]}  # fmt: skip
+        view = self._desk.lease_pair(annotator)
+        if view is not None:
+            self.wake()  # an available pair was taken: the refill may top up
+        return view
 
     def record_vote(self, pair_id: int, annotator: str, choice: str, rationale: str | None = None,
                     edited_answer: str | None = None, time_spent_s: float | None = None) -> int:  # fmt: skip
         """Store a judgement of a pair leased to `annotator` (returns the comparison id). A skip is stored too (this
-        person never sees the pair again) and puts the pair back to 'ready' for others; any other choice ends it."""
-        annotator = _name(annotator)
-        with self.store.transaction() as cur:
-            row = cur.execute(
-                "SELECT status, leased_to, lease_expires, prompt_id, generation_a, generation_b FROM pairs "
-                "WHERE id = ?",
-                [pair_id],
-            ).fetchone()
-            if row is None:
-                raise ValueError(f"there is no pair {pair_id}")
-            status, holder, expires, prompt_id, gen_a, gen_b = row
-            if status == "done":
-                raise ValueError(f"pair {pair_id} was already judged")
-            if status != "leased" or holder != annotator:
-                raise ValueError(f"pair {pair_id} is not leased to {annotator}: ask for the next pair")
-            if expires is not None and expires <= self._now():
-                raise ValueError(f"your lease on pair {pair_id} expired (leases last {self._lease_text()}); "
-                                 "ask for the next pair")  # fmt: skip
-            comparison_id = self.store.add_comparison(
-                prompt_id=prompt_id, generation_a=gen_a, generation_b=gen_b, annotator=annotator, choice=choice,
-                pair_id=pair_id, rationale=rationale, edited_answer=edited_answer, time_spent_s=time_spent_s,
-                source="ui", cur=cur,
-            )  # fmt: skip
-            if choice == "skip":
-                cur.execute("UPDATE pairs SET status = 'ready', leased_to = NULL, lease_expires = NULL WHERE id = ?",
-                            [pair_id])  # fmt: skip
-            else:
-                cur.execute("UPDATE pairs SET status = 'done', lease_expires = NULL WHERE id = ?", [pair_id])
+        person never sees the pair again) and puts the pair back to 'ready' for others; any other choice ends it.
+        Refused with ValueError: an unknown pair, a pair not leased to this person, an expired lease, a judged pair."""
+        comparison_id = self._desk.vote(pair_id, annotator, choice, rationale, edited_answer, time_spent_s)
         self.wake()
         return comparison_id
+
+    def pair_view(self, pair_id: int) -> dict:
+        return self._desk.views([pair_id])[pair_id]
 
     def undo_last(self, annotator: str) -> int | None:
         """Undo this person's latest effective vote cast here (an 'undone' row supersedes it); returns the undone
         comparison's id, or None when there is nothing to undo. The pair is leased to this person again with a
         fresh lease, so their next pair is the same one to judge anew; if they let the lease run out, it becomes
         available to others like any expired lease."""
-        annotator = _name(annotator)
+        annotator = annotator_name(annotator)
         with self.store.transaction() as cur:
             row = cur.execute(
                 "SELECT id, pair_id FROM effective_comparisons WHERE annotator = ? AND source = 'ui' "
@@ -359,7 +307,7 @@ class PairQueue:
 
     def add_own_pair(self, annotator: str, messages: list[dict], gen_a: Generation, gen_b: Generation) -> dict:
         """Store a typed prompt (source 'own'), both answers and an 'own' pair leased to this person."""
-        annotator = _name(annotator)
+        annotator = annotator_name(annotator)
         with self.store.transaction() as cur:
             prompt_id = self.store.add_prompt(messages, "own", cur=cur)
             ids = [self._add_generation(cur, prompt_id, g) for g in (gen_a, gen_b)]
@@ -390,15 +338,4 @@ class PairQueue:
             return dict(rows.fetchall())
 
     def _now(self) -> datetime:
-        return datetime.now(UTC).replace(tzinfo=None)  # leases are naive UTC timestamps
-
-    def _lease_text(self) -> str:
-        minutes = self.lease.total_seconds() / 60
-        return f"{minutes:g} minutes"
-
-
-def _name(annotator: str) -> str:
-    name = annotator.strip() if isinstance(annotator, str) else ""
-    if not name:
-        raise ValueError("every judgement needs an annotator name")
-    return name
+        return utc_now()

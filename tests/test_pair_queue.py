@@ -303,7 +303,10 @@ def test_the_bundled_model_generates_a_pair(tmp_path, bundled_model_dir):
         assert queue.generate_pairs(1) == 1
         pair = queue.next_pair("alice")
         assert pair["answer_a"].strip() and pair["answer_b"].strip() and pair["answer_a"] != pair["answer_b"]
-        assert any("Paris" in answer for answer in (pair["answer_a"], pair["answer_b"]))
+        assert rows(store, "SELECT min(token_count) > 3, count(*) FROM generations") == [(True, 2)]
+        greedy = engine.submit([{"role": "user", "content": "What is the capital of France?"}],
+                               SamplingParams(temperature=0, max_new_tokens=12)).result(timeout=120)  # fmt: skip
+        assert "Paris" in greedy.text  # a real instruction-tuned model, not noise
     finally:
         engine.close()
         store.close()
