@@ -10,7 +10,7 @@ import time
 
 import gradio as gr
 
-from labeling.services import Services, UserError, render_messages
+from labeling.services import Services, UserError, escape_html, render_messages
 from labeling.ui_data import build_data_tab
 from labeling.ui_train import build_train_tab
 
@@ -37,6 +37,7 @@ SHORTCUTS_MD = (
     "(not while typing in a box)."
 )
 EMPTY = "*Pairs are being generated…*"
+STREAMING = "streaming"  # the hidden pair box while your own prompt is being answered (no vote, no polling)
 
 
 def build_app(services: Services, title: str = "prefloop") -> gr.Blocks:
@@ -55,7 +56,8 @@ def build_app(services: Services, title: str = "prefloop") -> gr.Blocks:
 
 
 def build_label_tab(services: Services, who: gr.State, name_store: gr.BrowserState, demo: gr.Blocks) -> None:
-    pair = gr.State(None)
+    # The pair on screen lives in the page (a hidden box), so a vote always names the pair the person sees.
+    pair = gr.Textbox("", visible=False, elem_id="pair-id")
     shown_at = gr.State(0.0)
     with gr.Group(visible=not services.auth_enabled) as name_box:
         with gr.Row():
@@ -102,8 +104,9 @@ def build_label_tab(services: Services, who: gr.State, name_store: gr.BrowserSta
         if nxt is None:
             progress = services.queue.progress()
             waiting = f"{EMPTY} ({progress.get('ready', 0)} ready, generating {progress.get('generating', 0)})"
-            return None, 0.0, waiting, "", "", "", "", counts
-        return nxt, time.time(), render_messages(nxt["messages"]), nxt["answer_a"], nxt["answer_b"], "", "", counts
+            return "", 0.0, waiting, "", "", "", "", counts
+        answers = escape_html(nxt["answer_a"]), escape_html(nxt["answer_b"])
+        return str(nxt["pair_id"]), time.time(), render_messages(nxt["messages"]), *answers, "", "", counts
 
     def login(request: gr.Request, stored: str):
         name = (getattr(request, "username", None) or stored or "").strip()
@@ -119,14 +122,14 @@ def build_label_tab(services: Services, who: gr.State, name_store: gr.BrowserSta
         return name, name, gr.update(visible=False), *show(name, None), f"Labeling as **{name}**."
 
     def cast(choice: str):
-        def handler(name: str, current: dict | None, started: float, why: str, fixed: str):
-            if current is None:
+        def handler(name: str, current: str, started: float, why: str, fixed: str):
+            if not current or current == STREAMING:
                 return *([gr.skip()] * len(shown)), "⚠️ No pair on screen yet: it is being generated."
             try:
-                services.vote(current["pair_id"], name, choice, why, fixed, round(time.time() - started, 2))
+                services.vote(current, name, choice, why, fixed, round(time.time() - started, 2) if started else None)
             except UserError as exc:
                 return *show(name, None), f"⚠️ {exc} (showing a fresh pair)"
-            return *show(name, None), _receipt(choice, current)
+            return *show(name, None), _receipt(choice, services.queue.pair_view(int(current)))
 
         return handler
 
@@ -137,8 +140,8 @@ def build_label_tab(services: Services, who: gr.State, name_store: gr.BrowserSta
             return f"⚠️ {exc}"
         return "Your last vote was undone." if undone else "Nothing to undo."
 
-    def poll(name: str, current: dict | None):
-        if not name or current is not None:
+    def poll(name: str, current: str):
+        if not name or current:
             return *([gr.skip()] * len(shown)), gr.skip()
         return *show(name, None), gr.skip()
 
@@ -149,13 +152,15 @@ def build_label_tab(services: Services, who: gr.State, name_store: gr.BrowserSta
         except UserError as exc:
             yield *([gr.skip()] * len(shown)), f"⚠️ {exc}"
             return
-        yield None, 0.0, render_messages(messages), "", "", "", "", gr.skip(), "Both sides are answering…"
+        yield STREAMING, 0.0, render_messages(messages), "", "", "", "", gr.skip(), "Both sides are answering…"
         text_a = text_b = ""
         stream = services.stream_own(name, messages)
         for text_a, text_b in stream:
-            yield gr.skip(), gr.skip(), gr.skip(), text_a, text_b, gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        new_pair = stream.pair
-        yield new_pair, time.time(), gr.skip(), text_a, text_b, "", "", gr.skip(), "Your pair is ready: vote."
+            answers = escape_html(text_a), escape_html(text_b)
+            yield gr.skip(), gr.skip(), gr.skip(), *answers, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        ready = str(stream.pair["pair_id"])
+        answers = escape_html(text_a), escape_html(text_b)
+        yield ready, time.time(), render_messages(messages), *answers, "", "", gr.skip(), "Your pair is ready: vote."
 
     demo.load(login, [name_store], [who, name_box, *shown, status])
     name_btn.click(set_name, [name_in], [who, name_store, name_box, *shown, status])
@@ -164,10 +169,15 @@ def build_label_tab(services: Services, who: gr.State, name_store: gr.BrowserSta
     for button, choice in ((btn_a, "A"), (btn_b, "B"), (btn_tie, "tie"), (btn_bad, "both_bad"), (skip_btn, "skip")):
         button.click(cast(choice), vote_inputs, [*shown, status], concurrency_limit=None, api_visibility="private")
     undo_btn.click(undo, [who], [status], api_visibility="private")
-    from_a.click(lambda p: (p or {}).get("answer_a", ""), [pair], [edited], api_visibility="private")
-    from_b.click(lambda p: (p or {}).get("answer_b", ""), [pair], [edited], api_visibility="private")
+    from_a.click(lambda pid: _answer(services, pid, "answer_a"), [pair], [edited], api_visibility="private")
+    from_b.click(lambda pid: _answer(services, pid, "answer_b"), [pair], [edited], api_visibility="private")
     timer.tick(poll, [who, pair], [*shown, status], api_visibility="private")
     own_btn.click(own, [who, own_prompt], [*shown, status], concurrency_limit=4, api_visibility="private")
+
+
+def _answer(services: Services, pair_id: str, side: str) -> str:
+    """The raw text of one side of the pair on screen (to start an edit from it)."""
+    return services.queue.pair_view(int(pair_id))[side] if pair_id.isdigit() else ""
 
 
 def _counters(services: Services, name: str) -> str:
