@@ -165,16 +165,6 @@ def _tokenized(tokenizer, pairs, max_length: int):
 
 
 # ---- training ------------------------------------------------------------------------------------------
-class RewardProgress(ProgressCallback):
-    """ProgressCallback, minus the keys it sets itself: an eval log carries "epoch" too, which common.py's
-    callback would pass twice (TypeError) — drop it here until common.py filters it."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and any(key.startswith("eval_") for key in logs):
-            logs = {key: value for key, value in logs.items() if key not in ("epoch", "step", "total")}
-        return super().on_log(args, state, control, logs=logs, **kwargs)
-
-
 def train(cfg: RewardModelConfig, writer: ProgressWriter, cancel: threading.Event) -> dict:
     from transformers import PrinterCallback
     from trl import RewardConfig, RewardTrainer
@@ -190,7 +180,7 @@ def train(cfg: RewardModelConfig, writer: ProgressWriter, cancel: threading.Even
         center_rewards_coefficient=cfg.center_rewards_coefficient or None,
         eval_strategy="steps" if eval_pairs else "no", eval_steps=max(1, math.ceil(total_steps / EVALS_PER_RUN)),
     )  # fmt: skip
-    progress = RewardProgress(writer, cancel, rename=REWARD_RENAME)
+    progress = ProgressCallback(writer, cancel, rename=REWARD_RENAME)
     trainer = RewardTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=_tokenized(tokenizer, train_pairs, cfg.max_length),
