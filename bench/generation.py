@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline-requests", type=int, default=8, help="the first N of them, run one at a time")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's)")
     return parser.parse_args()
 
 
@@ -77,9 +77,8 @@ def main() -> None:
 
     from labeling.engine import GenerationEngine, SamplingParams
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    engine = GenerationEngine(args.model, cache_dir=args.model_cache, max_batch=args.max_batch)
+    engine = GenerationEngine(args.model, cache_dir=args.model_cache, max_batch=args.max_batch, threads=args.threads)
+    torch.set_num_threads(engine.threads)  # the baseline runs in this thread: same threads on both sides
     requests = [
         ([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
          SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens, seed=i), None)

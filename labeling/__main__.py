@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     generate.add_argument("--model-cache", default=env("PREFLOOP_MODEL_CACHE", "data/models"))
     generate.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "160")))
     generate.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
+    generate.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores)")
     return parser.parse_args(argv)
 
 
@@ -84,7 +85,7 @@ def run_generation(store, args: argparse.Namespace) -> dict:
     from labeling.pair_queue import PairQueue
 
     try:
-        engine = GenerationEngine(args.model, cache_dir=args.model_cache, max_batch=args.max_batch)
+        engine = GenerationEngine(args.model, args.model_cache, max_batch=args.max_batch, threads=args.threads)
     except (OSError, ValueError) as exc:
         fail(f"cannot load the model {args.model!r}: {exc}")
     started = time.monotonic()

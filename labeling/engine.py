@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import queue
 import secrets
 import threading
@@ -173,10 +174,16 @@ def _cutoff(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 
 class GenerationEngine:
-    def __init__(self, spec: str = "bundled", cache_dir: str | Path = "data/models", max_batch: int = 16):
+    def __init__(self, spec: str = "bundled", cache_dir: str | Path = "data/models", max_batch: int = 16,
+                 threads: int | None = None):  # fmt: skip
+        """`threads`: torch threads for the worker's forward passes (default: $PREFLOOP_ENGINE_THREADS, else half the
+        cores, at least 1). The app trains in a child process on the same cores: two full OpenMP thread teams on 2
+        busy cores made a batched step ≈ 10× slower here, one thread for generation did not."""
         if max_batch < 1:
             raise ValueError("max_batch must be ≥ 1")
         self.spec, self.max_batch = spec, max_batch
+        half_the_cores = max(1, (os.cpu_count() or 2) // 2)
+        self.threads = threads or int(os.environ.get("PREFLOOP_ENGINE_THREADS", "0")) or half_the_cores
         self.placement = pick_placement()
         self.tokenizer = load_tokenizer(spec, cache_dir)
         self.model = load_base_model(spec, cache_dir, self.placement)
@@ -272,6 +279,7 @@ class GenerationEngine:
 
     # ---- the worker -------------------------------------------------------------------------------------------
     def _work(self) -> None:
+        torch.set_num_threads(self.threads)  # with OpenMP this sets this thread's forward passes only
         while True:
             with self._wakeup:
                 while not self._inbox and self._batch is None and not self._closed:

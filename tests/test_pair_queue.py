@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from labeling.engine import GenerationEngine, SamplingParams
 from labeling.pair_queue import PairQueue
@@ -20,14 +19,6 @@ from tests.test_engine import make_adapter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = SamplingParams(max_new_tokens=6)  # answers from a random model: short is enough
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
