@@ -107,7 +107,8 @@ class PairQueue:
         """How many more pairs may be generating at once (two engine rows each)."""
         with self._lock:
             generating = sum(1 for item in self._in_flight if not all(f.done() for f in item.futures))
-        return max(0, (self.engine.max_batch - self.reserved_rows) // 2 - generating)
+        capacity = max(1, (self.engine.max_batch - self.reserved_rows) // 2)
+        return max(0, capacity - generating)
 
     # ---- generating pairs -------------------------------------------------------------------------------------
     def generate_pairs(self, count: int, strategy: str = "self", on_pair: Callable[[int], None] | None = None) -> int:
@@ -117,13 +118,15 @@ class PairQueue:
         if strategy == "versions" and self._version_pair() is None:
             raise ValueError("the versions strategy needs a trained policy version (an adapter) besides the base")
         with self.store.read() as cur:
-            if cur.execute("SELECT count(*) FROM prompts").fetchone()[0] == 0:
+            if cur.execute("SELECT count(*) FROM prompts WHERE source <> 'own'").fetchone()[0] == 0:
                 raise ValueError("import prompts first: python -m storage import FILE")
         made, mine = 0, []
         while made < count:
             room = min(count - made - len(mine), self._free_slots())
             if room > 0:
                 mine += self._submit(strategy, room, background=False)
+                if not mine:
+                    raise ValueError(f"no {strategy} pair can be made now (no prompts or no second version)")
             done = [item for item in mine if all(f.done() for f in item.futures)]
             for item in done:
                 mine.remove(item)
