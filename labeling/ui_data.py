@@ -39,6 +39,7 @@ def build_data_tab(services: Services, demo: gr.Blocks) -> None:
             export_ext = gr.Radio([".jsonl", ".parquet"], value=".jsonl", label="File type")
             export_btn = gr.Button("Export", elem_id="export-btn")
             download = gr.File(label="Download", interactive=False)
+            export_msg = gr.Markdown("")
 
     def load_stats():
         stats = services.store.stats()
@@ -67,13 +68,18 @@ def build_data_tab(services: Services, demo: gr.Blocks) -> None:
 
     def do_export(fmt: str, ext: str):
         out = Path(tempfile.mkdtemp(prefix="prefloop-export-")) / f"prefloop-{fmt}{ext}"
-        export(services.store, fmt, out)
-        return str(out)
+        try:
+            rows = export(services.store, fmt, out)
+        except ValueError as exc:
+            return None, f"⚠️ Export failed: {exc}"
+        if rows == 0:
+            return None, f"Nothing to export as {fmt} yet: it needs judged pairs (A/B votes or edited answers)."
+        return str(out), f"✓ {rows} rows in {out.name}."
 
     stats_out = [per_choice, per_annotator, per_version, totals, recent]
     refresh.click(load_stats, None, stats_out, api_visibility="private")
     import_btn.click(do_import, [upload, import_format], [import_msg, *stats_out], api_visibility="private")
-    export_btn.click(do_export, [export_format, export_ext], [download], api_visibility="private")
+    export_btn.click(do_export, [export_format, export_ext], [download, export_msg], api_visibility="private")
     demo.load(load_stats, None, stats_out, api_visibility="private")
     gr.Timer(10.0).tick(load_stats, None, stats_out, api_visibility="private")  # stats stay fresh while open
 
