@@ -18,6 +18,7 @@ from pathlib import Path
 
 STARTED = time.monotonic()
 ON_SPACES = bool(os.environ.get("SPACE_ID"))
+DEFAULT_STRATEGIES = ("self", "versions")  # versions pairs appear once a trained version is served
 SEED_PROMPTS = Path(__file__).resolve().parent / "labeling" / "seed_prompts.txt"
 
 
@@ -35,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue-size", type=int, default=int(env("PREFLOOP_QUEUE_SIZE", "8")), help="ready pairs")
     parser.add_argument("--strategy", action="append", choices=["self", "versions"], help="pair strategies")
     parser.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "160")))
+    parser.add_argument(
+        "--engine-threads",
+        type=int,
+        default=int(env("PREFLOOP_ENGINE_THREADS", "0")) or None,
+        help="torch threads for generation (default: half the cores, so a training child keeps the rest)",
+    )
     parser.add_argument("--lease-minutes", type=float, default=float(env("PREFLOOP_LEASE_MINUTES", "10")))
     return parser.parse_args(argv)
 
@@ -61,10 +68,11 @@ def create_services(args: argparse.Namespace):
     store = Store(args.db)
     store.set_base_model(args.model)
     seed_prompts(store)
-    engine = GenerationEngine(args.model, cache_dir=args.model_cache)
+    engine = GenerationEngine(args.model, cache_dir=args.model_cache, threads=args.engine_threads)
     queue = PairQueue(
         store, engine, target=args.queue_size, lease_minutes=args.lease_minutes,
-        strategies=tuple(args.strategy or ["self"]), params=SamplingParams(max_new_tokens=args.max_new_tokens),
+        strategies=tuple(args.strategy or DEFAULT_STRATEGIES),
+        params=SamplingParams(max_new_tokens=args.max_new_tokens),
     )  # fmt: skip
     runner = JobRunner(store, runs_dir=args.runs_dir, base_model=args.model, model_cache=args.model_cache)
     guidelines = Path(args.guidelines).read_text(encoding="utf-8") if Path(args.guidelines).is_file() else ""
