@@ -11,28 +11,21 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-import pytest
-import torch
-import yaml
-from safetensors.torch import load_file
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see training/__main__.py
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from training.before_after import HELDOUT_FILE, before_after, heldout_prompts
 from training.common import CommonConfig, ConfigError, parse_config
 from training.dpo import PrefDPOConfig
 
 REPO = Path(__file__).resolve().parent.parent
-QUICK = [
-    "--batch-size",
-    "2",
-    "--max-length",
-    "64",
-    "--before-after-prompts",
-    "2",
-    "--before-after-max-new-tokens",
-    "8",
-]
+QUICK = "--batch-size 2 --max-length 64 --before-after-prompts 2 --before-after-max-new-tokens 8".split()
 PROGRESS_FIELDS = {"event", "time", "step", "total", "epoch", "loss", "learning_rate", "elapsed", "eta",
                    "reward_accuracy", "reward_margin"}  # fmt: skip
 FIRST_HELDOUT = next(line for line in HELDOUT_FILE.read_text().splitlines() if line and not line.startswith("#"))
@@ -75,7 +68,7 @@ def trained_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.Comp
     pq.write_table(pa.Table.from_pylist(pair_rows(8)), data)
     run_dir = work / "run"
     done = run_child("--data", str(data), "--out", str(run_dir), "--base-model", str(tiny_model_dir),
-                     "--max-steps", "3", "--learning-rate", "1e-3", "--base-version", "0", *QUICK)  # fmt: skip
+                     "--max-steps", "3", "--learning-rate", "1e-3", "--eval-fraction", "0.25", *QUICK)  # fmt: skip
     return run_dir, done
 
 
@@ -83,8 +76,9 @@ def test_progress_lines_have_the_contract_fields(trained_run):
     run_dir, done = trained_run
     assert done.returncode == 0, done.stderr[-2000:]
     lines = events(run_dir)
-    assert [e["event"] for e in lines] == ["start", "progress", "progress", "progress", "end"]
+    assert [e["event"] for e in lines] == ["start", "progress", "progress", "progress", "eval", "end"]
     assert lines[0]["total"] == 3
+    assert lines[4]["step"] == 3 and {"loss", "reward_accuracy", "reward_margin"} <= lines[4].keys()  # 2 held-out rows
     for line in lines[1:4]:
         assert PROGRESS_FIELDS <= line.keys(), PROGRESS_FIELDS - line.keys()
         assert line["total"] == 3 and math.isfinite(line["loss"]) and line["learning_rate"] > 0
@@ -118,6 +112,7 @@ def test_config_metrics_and_before_after_files(trained_run):
     assert config["learning_rate"] == 1e-3 and config["max_steps"] == 3 and config["beta"] == 0.1
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["method"] == "dpo" and metrics["reward_accuracy"] is not None
+    assert (metrics["train_rows"], metrics["eval_rows"]) == (6, 2) and "eval_loss" in metrics
     panel = json.loads((run_dir / "before_after.json").read_text())
     assert panel == metrics["before_after"]
     assert len(panel["samples"]) == 2 and set(panel["samples"][0]) == {"prompt", "parent", "new"}

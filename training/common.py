@@ -8,7 +8,6 @@ are fast and this module is importable without them.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -18,8 +17,6 @@ import sys
 import threading
 import time
 import traceback
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +24,9 @@ from typing import Any
 
 import yaml
 
-try:  # the callback base class; only the child process (which has transformers) ever instantiates it
-    from transformers import TrainerCallback
-except ImportError:  # pragma: no cover - keeps the config layer usable without transformers
-    TrainerCallback = object  # type: ignore[assignment,misc]
+from training.configparse import ConfigError, out_dir_hint, parse_config
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-class ConfigError(ValueError):
-    """A bad config value or file; str() is one line naming the key."""
 
 
 class DataError(ValueError):
@@ -110,140 +100,9 @@ class CommonConfig:
         _require(bool(self.lora_target_modules.strip()), "lora_target_modules", "must name modules or 'all-linear'")
 
 
-C = typing.TypeVar("C", bound=CommonConfig)
-
-
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
-
-
-# ---- parsing -------------------------------------------------------------------------------------------
-_NONE_WORDS = ("none", "null", "")
-_TRUE_WORDS = ("true", "yes", "1", "on")
-_FALSE_WORDS = ("false", "no", "0", "off")
-
-
-def _field_type(cls: type, name: str) -> tuple[type, bool]:
-    """(base type, accepts None) of a dataclass field, from its (string) annotation."""
-    hint = typing.get_type_hints(cls)[name]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], True
-    return hint, False
-
-
-def _coerce(cls: type, name: str, value: Any) -> Any:
-    """A YAML or command-line value turned into the field's type; ConfigError names the key."""
-    base, optional = _field_type(cls, name)
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
-        if optional:
-            return None
-        raise ConfigError(f"{name}: a value is required (got nothing)")
-    try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            word = str(value).strip().lower()
-            if word in _TRUE_WORDS + _FALSE_WORDS:
-                return word in _TRUE_WORDS
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-            if not math.isfinite(number):
-                raise ValueError
-            return number
-        if base is str:
-            if isinstance(value, dict | list):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected {base.__name__}, got {value!r}") from None
-    return value
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def build_parser(cls: type) -> argparse.ArgumentParser:
-    """--config FILE.yaml plus one --kebab-case flag per dataclass field (defaults shown in --help)."""
-    parser = argparse.ArgumentParser(
-        prog=f"python -m training {getattr(cls, 'method_name', '')}".strip(),
-        description=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None,
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML with any of the fields below; flags override it")
-    for spec in dataclasses.fields(cls):
-        base, _ = _field_type(cls, spec.name)
-        default = spec.default if spec.default is not dataclasses.MISSING else None
-        metavar = "true|false" if base is bool else spec.name.upper()
-        parser.add_argument(_flag(spec.name), dest=spec.name, metavar=metavar,
-                            help=f"{spec.metadata.get('help', '')} (default: {default})")  # fmt: skip
-    return parser
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ConfigError instead of exiting, so run_method reports it like any bad value."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(message)
-
-
-def parse_config(cls: type[C], argv: list[str]) -> C:
-    """Defaults < --config YAML < flags; every value type-checked, then `validate()`. Raises ConfigError."""
-    parser = build_parser(cls)
-    parser.__class__ = _Parser
-    args = vars(parser.parse_args(argv))
-    values: dict[str, Any] = {}
-    known = {f.name for f in dataclasses.fields(cls)}
-    config_file = args.pop("config", None)
-    if config_file:
-        for key, value in _read_yaml(config_file).items():
-            if key not in known:
-                raise ConfigError(f"{config_file}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-            values[key] = _coerce(cls, key, value)
-    for key, value in args.items():
-        values[key] = _coerce(cls, key, value)
-    cfg = cls(**values)
-    cfg.validate()
-    return cfg
-
-
-def _read_yaml(path: str) -> dict:
-    try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config: {path} must hold a mapping of field: value")
-    return loaded
-
-
-def _out_dir_hint(argv: list[str]) -> str | None:
-    """Best-effort RUN_DIR from raw argv/YAML, so even a config error is reported in progress.jsonl."""
-    out = None
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            try:
-                out = (yaml.safe_load(Path(argv[i + 1]).read_text(encoding="utf-8")) or {}).get("out") or out
-            except (OSError, yaml.YAMLError, AttributeError):
-                pass
-        elif arg == "--out" and i + 1 < len(argv):
-            out = argv[i + 1]
-        elif arg.startswith("--out="):
-            out = arg.split("=", 1)[1]
-    return str(out) if out else None
 
 
 # ---- progress ------------------------------------------------------------------------------------------
@@ -307,8 +166,12 @@ PPO_RENAME = {
 }  # fmt: skip
 
 
-class ProgressCallback(TrainerCallback):
-    """Trainer logs → progress/eval lines; a set `cancel` event stops training at the end of the current step."""
+class _ProgressLogic:
+    """Trainer logs → progress/eval lines; a set `cancel` event stops training at the end of the current step.
+
+    Used as `ProgressCallback`, the same class mixed with transformers.TrainerCallback (built on first use, so
+    parsing a config and reporting its errors never waits for torch to import).
+    """
 
     def __init__(self, writer: ProgressWriter, cancel: threading.Event, rename: dict[str, str] | None = None):
         self.writer = writer
@@ -356,6 +219,17 @@ class ProgressCallback(TrainerCallback):
         return self.rename.get(key, key)
 
 
+def __getattr__(name: str):
+    """PEP 562: `ProgressCallback` = _ProgressLogic + transformers.TrainerCallback, created when first imported."""
+    if name != "ProgressCallback":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from transformers import TrainerCallback
+
+    cls = type("ProgressCallback", (_ProgressLogic, TrainerCallback), {"__module__": __name__})
+    globals()["ProgressCallback"] = cls
+    return cls
+
+
 # ---- the child's main ----------------------------------------------------------------------------------
 TrainFn = Callable[[Any, ProgressWriter, threading.Event], dict]
 
@@ -370,7 +244,7 @@ def run_method(config_cls: type[CommonConfig], train_fn: TrainFn, argv: list[str
     try:
         cfg = parse_config(config_cls, argv)
     except ConfigError as exc:
-        out = _out_dir_hint(argv)
+        out = out_dir_hint(argv)
         if out:
             ProgressWriter(out).end("failed", {}, error=f"bad config: {exc}")
         print(f"error: {exc}", file=sys.stderr)

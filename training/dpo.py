@@ -22,8 +22,8 @@ from training.common import (
     CommonConfig,
     ConfigError,
     DataError,
-    ProgressCallback,
     ProgressWriter,
+    is_main_process,
     load_model_for_training,
     load_rows,
     lora_config,
@@ -48,7 +48,7 @@ class PrefDPOConfig(CommonConfig):
     """
 
     method_name: ClassVar[str] = "dpo"
-    learning_rate: float = field(default=5e-5, metadata={"help": "peak AdamW learning rate (TRL: 1e-6)"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak AdamW learning rate (TRL: 1e-6)"})
     epochs: float = field(default=2.0, metadata={"help": "passes over the pairs when max_steps is -1 (TRL: 3)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input (0 keeps DPO exact)"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta: higher keeps the policy closer to the reference"})
@@ -84,6 +84,8 @@ def train(cfg: PrefDPOConfig, writer: ProgressWriter, cancel: threading.Event) -
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
+    from training.common import ProgressCallback
+
     rows = load_rows(cfg.data)
     check_pairs(rows, cfg.data)
     train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
@@ -104,13 +106,13 @@ def train(cfg: PrefDPOConfig, writer: ProgressWriter, cancel: threading.Event) -
     trainer.train()
     adapter_dir = save_adapter(trainer.model, tokenizer, Path(cfg.out) / "adapter")
     metrics = summarize(cfg, trainer.state.global_step, progress, len(train_rows), len(eval_rows))
-    if not cancel.is_set() and cfg.before_after_prompts > 0:
+    if not cancel.is_set() and cfg.before_after_prompts > 0 and is_main_process():
         del trainer, model  # free the training copy before loading the base again for sampling
         metrics["before_after"] = run_before_after(cfg, adapter_dir, rows)
     return metrics
 
 
-def summarize(cfg: PrefDPOConfig, steps: int, progress: ProgressCallback, n_train: int, n_eval: int) -> dict:
+def summarize(cfg: PrefDPOConfig, steps: int, progress, n_train: int, n_eval: int) -> dict:
     last = progress.last
     metrics = {
         "method": "dpo", "steps": steps, "train_rows": n_train, "eval_rows": n_eval,

@@ -212,7 +212,8 @@ class JobRunner:
     def _launch(self, row: dict) -> None:
         run_dir = Path(row["run_dir"])
         cmd = [sys.executable, "-m", "training", row["method"], "--config", str(run_dir / "run.yaml")]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        quiet = {"PYTHONUNBUFFERED": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **quiet}  # see training/__main__.py: no spinning threads
         with (run_dir / "log.txt").open("ab") as log:
             child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self._children[row["id"]] = child
