@@ -64,6 +64,11 @@ class RewardModelConfig(CommonConfig):
     center_rewards_coefficient: float = field(
         default=0.01, metadata={"help": "pulls the mean score toward 0 (0 = off)"}
     )
+    score_data: str | None = field(
+        default=None,
+        metadata={"help": "after training, score these (prompt, answer) rows into RUN_DIR/scores.jsonl (the app "
+                  "passes every stored generation, so the Data tab shows reward scores)"},
+    )  # fmt: skip
 
     def validate(self) -> None:
         super().validate()
@@ -192,7 +197,23 @@ def train(cfg: RewardModelConfig, writer: ProgressWriter, cancel: threading.Even
     if eval_pairs and progress.last_eval.get("step") != trainer.state.global_step:
         trainer.evaluate()  # the final metrics describe the finished model
     save_reward_model(trainer.model, tokenizer, Path(cfg.out) / "reward_model")
-    return summarize(cfg, trainer.state.global_step, progress, len(train_pairs), len(eval_pairs))
+    metrics = summarize(cfg, trainer.state.global_step, progress, len(train_pairs), len(eval_pairs))
+    if cfg.score_data and not cancel.is_set():
+        metrics["scored_generations"] = score_stored_generations(cfg)
+    return metrics
+
+
+def score_stored_generations(cfg: RewardModelConfig) -> int:
+    """Score the app's snapshot of stored generations with the new reward model; rows go to RUN_DIR/scores.jsonl."""
+    from training.score import score_rows, write_rows
+
+    rows = load_rows(cfg.score_data)
+    if not rows:
+        return 0
+    scored = score_rows(rows, Path(cfg.out) / "reward_model", cfg.score_data, max_length=cfg.max_length)
+    write_rows([{"generation_id": r.get("generation_id"), "score": r["score"]} for r in scored],
+               Path(cfg.out) / "scores.jsonl")  # fmt: skip
+    return len(scored)
 
 
 def _total_steps(cfg: CommonConfig, n_train: int) -> int:

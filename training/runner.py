@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from storage.exporters import export_rows
+from storage.scores import generations_to_score, load_score_file, save_scores
 
 METHODS = ("dpo", "reward", "ppo")
 POLICY_METHODS = ("dpo", "ppo")
@@ -160,9 +161,7 @@ class JobRunner:
         run_dir = self.runs_dir / f"run-{run_id:04d}-{method}"
         run_dir.mkdir(parents=True, exist_ok=True)
         data_path = run_dir / "data.jsonl"
-        with data_path.open("w", encoding="utf-8") as out:
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        _write_jsonl(data_path, rows)
         config = {
             **settings,
             "data": str(data_path),
@@ -175,6 +174,9 @@ class JobRunner:
             config["init_adapter"] = parent["adapter_path"]
         if method == "ppo":
             config["prompts"] = str(data_path)
+        if method == "reward":  # the new reward model also scores every stored generation (Data tab)
+            config["score_data"] = str(run_dir / "generations.jsonl")
+            _write_jsonl(run_dir / "generations.jsonl", generations_to_score(self.store, reward_model_id=-1))
         (run_dir / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=True), encoding="utf-8")
         (run_dir / "trained_on.json").write_text(json.dumps(comparison_ids), encoding="utf-8")
         meta = {"config": config, "chain": chain, "trained_on": len(comparison_ids)}
@@ -229,6 +231,8 @@ class JobRunner:
             reason = (end or {}).get("error") or f"the training process exited with code {returncode}"
             error = f"{reason}\n--- last lines of the log ---\n{log_tail(row['run_dir'])}"
         version = self._register(row, metrics) if status == "succeeded" else None
+        if version is not None and row["method"] == "reward" and (Path(row["run_dir"]) / "scores.jsonl").is_file():
+            save_scores(self.store, version, load_score_file(Path(row["run_dir"]) / "scores.jsonl"))
         self._set(row["id"], status=status, metrics=json.dumps(metrics), error=error, result_version=version, end=True)
         meta = json.loads(row["config"] or "{}")
         if status == "succeeded" and meta.get("chain") and row["method"] == "reward":
@@ -360,6 +364,12 @@ def _prompt_rows(store) -> list[dict]:
 def _end_event(run_dir: str | None) -> dict | None:
     ends = [e for e in read_progress(run_dir or ".") if e.get("event") == "end"]
     return ends[-1] if ends else None
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _read_json(path: Path):
