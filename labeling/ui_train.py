@@ -20,23 +20,23 @@ def build_train_tab(services: Services, demo: gr.Blocks) -> None:
         method = gr.Radio(list(METHODS), value="DPO", label="Method", elem_id="train-method")
         parent = gr.Dropdown(label="Train on top of version (empty: the serving one)", choices=[], value=None)
     with gr.Row():
-        max_steps = gr.Number(value=None, label="Max steps (empty: epochs decide)", precision=0, minimum=1)
-        learning_rate = gr.Number(value=None, label="Learning rate (empty: default)")
-        beta = gr.Number(value=None, label="DPO beta (empty: default)")
+        max_steps = _field("Max steps (empty: epochs decide)")
+        learning_rate = _field("Learning rate (empty: default)")
+        beta = _field("DPO beta (empty: default)")
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
-            epochs = gr.Number(value=None, label="Epochs", minimum=0)
-            batch_size = gr.Number(value=None, label="Batch size", precision=0)
-            max_length = gr.Number(value=None, label="Max length (tokens)", precision=0)
-            seed = gr.Number(value=None, label="Seed", precision=0)
+            epochs = _field("Epochs")
+            batch_size = _field("Batch size")
+            max_length = _field("Max length (tokens)")
+            seed = _field("Seed")
         with gr.Row():
-            lora_r = gr.Number(value=None, label="LoRA r", precision=0)
-            lora_alpha = gr.Number(value=None, label="LoRA alpha", precision=0)
-            lora_dropout = gr.Number(value=None, label="LoRA dropout")
+            lora_r = _field("LoRA r")
+            lora_alpha = _field("LoRA alpha")
+            lora_dropout = _field("LoRA dropout")
         with gr.Row():
-            total_episodes = gr.Number(value=None, label="PPO episodes", precision=0)
-            response_length = gr.Number(value=None, label="PPO response length", precision=0)
-            kl_coef = gr.Number(value=None, label="PPO KL coefficient")
+            total_episodes = _field("PPO episodes")
+            response_length = _field("PPO response length")
+            kl_coef = _field("PPO KL coefficient")
             reward_model = gr.Dropdown(label="Reward model for PPO", choices=[], value=None)
     start = gr.Button("Start training", variant="primary", elem_id="train-start")
     message = gr.Markdown("")
@@ -92,13 +92,9 @@ def build_train_tab(services: Services, demo: gr.Blocks) -> None:
 
     def launch(kind: str, parent_id, *values):
         """Validate and queue a run from the form; empty fields keep the method's defaults."""
-        settings = {n: v for n, v in zip(names, values, strict=True) if v not in (None, "")}
-        for key in ("max_steps", "batch_size", "max_length", "seed", "lora_r", "lora_alpha", "total_episodes",
-                    "response_length"):  # fmt: skip
-            if key in settings:
-                settings[key] = int(settings[key])
         parent_id = services.engine.active_version if parent_id in (None, "") else int(parent_id)
         try:
+            settings = _parse_settings(names, values)
             run_id = _submit(services, METHODS[kind], settings, parent_id)
         except (RunRejected, UserError) as exc:
             return f"⚠️ Not started: {exc}", *overview()
@@ -158,6 +154,38 @@ def build_train_tab(services: Services, demo: gr.Blocks) -> None:
     activate.click(do_activate, [run_pick], [message, *over_out], api_visibility="private")
     version_btn.click(do_version, [version_pick, run_pick], [message, *over_out], api_visibility="private")
     demo.load(overview, None, over_out, api_visibility="private")
+
+
+INTEGER_FIELDS = {"max_steps", "batch_size", "max_length", "seed", "lora_r", "lora_alpha", "total_episodes",
+                  "response_length"}  # fmt: skip
+TEXT_FIELDS = {"reward_model"}
+
+
+def _field(label: str) -> gr.Textbox:
+    """An optional setting: empty keeps the method's default (the placeholder says so)."""
+    return gr.Textbox(label=label, placeholder="default", max_lines=1)
+
+
+def _parse_settings(names: list[str], values: tuple) -> dict:
+    """Form values → run settings; empty fields are left out, anything not a number is refused with its name."""
+    settings = {}
+    for name, value in zip(names, values, strict=True):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if name in TEXT_FIELDS:
+            settings[name] = value
+            continue
+        text = str(value).strip()
+        try:
+            number = float(text)
+        except ValueError:
+            raise UserError(f"{name.replace('_', ' ')}: {text!r} is not a number") from None
+        if name in INTEGER_FIELDS:
+            if not number.is_integer():
+                raise UserError(f"{name.replace('_', ' ')}: {text!r} must be a whole number")
+            number = int(number)
+        settings[name] = number
+    return settings
 
 
 def _submit(services: Services, kind: str, settings: dict, parent_id: int) -> int:

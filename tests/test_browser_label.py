@@ -159,12 +159,12 @@ def test_data_tab_imports_shows_errors_and_exports(browser, tmp_path, tiny_model
         before = services.store.stats()["comparisons"]
         page = open_page(browser, url, "dana")
         page.get_by_role("tab", name="Data").click()
-        page.locator("input[type=file]").first.set_input_files(str(broken))
+        page.locator("#import-file input[type=file]").set_input_files(str(broken))
         page.get_by_role("button", name="Import", exact=True).click()
         page.get_by_text("Import failed, nothing was written").wait_for(timeout=30_000)
         assert "broken.jsonl" in page.inner_text("body")
         assert services.store.stats()["comparisons"] == before
-        page.locator("input[type=file]").first.set_input_files(str(good))
+        page.locator("#import-file input[type=file]").set_input_files(str(good))
         page.get_by_role("button", name="Import", exact=True).click()
         page.get_by_text("✓ Imported").wait_for(timeout=30_000)
         assert services.store.stats()["comparisons"] == before + 2

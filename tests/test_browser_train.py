@@ -63,5 +63,5 @@ def test_reward_then_ppo_chain_from_the_page(browser, tmp_path, tiny_model_dir):
         assert ppo.method == "ppo"
         version = services.store.get_version(ppo.result_version)
         assert version["reward_model_id"] == services.runner.status(1).result_version
-        page.get_by_text("#2 ppo — succeeded").first.wait_for(timeout=30_000)
+        page.locator("#run-progress").get_by_text("Run #2 (ppo): succeeded").wait_for(timeout=30_000)
         page.close()
