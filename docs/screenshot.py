@@ -1,6 +1,6 @@
 """Regenerate docs/label-tab.png: the real app on the bundled model, in headless Chromium.
 
-    .venv/bin/python docs/screenshot.py
+.venv/bin/python docs/screenshot.py
 """
 
 from __future__ import annotations

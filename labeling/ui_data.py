@@ -29,7 +29,9 @@ def build_data_tab(services: Services, demo: gr.Blocks) -> None:
     with gr.Row():
         with gr.Column():
             gr.Markdown("### Import")
-            upload = gr.File(label="Prompt list or preference dataset (.txt .csv .json .jsonl .parquet)", elem_id="import-file")
+            upload = gr.File(
+                label="Prompt list or preference dataset (.txt .csv .json .jsonl .parquet)", elem_id="import-file"
+            )
             import_format = gr.Dropdown(IMPORT_FORMATS, value="auto", label="Format")
             import_btn = gr.Button("Import", elem_id="import-btn")
             import_msg = gr.Markdown("")
