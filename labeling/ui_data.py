@@ -80,7 +80,9 @@ def build_data_tab(services: Services, demo: gr.Blocks) -> None:
 
     stats_out = [per_choice, per_annotator, per_version, totals, recent]
     refresh.click(load_stats, None, stats_out, api_visibility="private")
-    import_btn.click(do_import, [upload, import_format], [import_msg, *stats_out], api_visibility="private")
+    import_btn.click(do_import, [upload, import_format], [import_msg, *stats_out], api_visibility="private").then(
+        lambda: None, None, [upload], api_visibility="private"
+    )  # the box is emptied for the next file; the message says what happened to this one
     export_btn.click(do_export, [export_format, export_ext], [download, export_msg], api_visibility="private")
     demo.load(load_stats, None, stats_out, api_visibility="private")
     gr.Timer(10.0).tick(load_stats, None, stats_out, api_visibility="private")  # stats stay fresh while open
