@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# The app's children sleep idle OpenMP threads (training/__main__.py); the plain script gets the same policy so
+# that only the app's own overhead is compared (the default spin policy is far slower on busy shared cores).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from labeling.models import resolve_model  # noqa: E402  (needs the repo on sys.path)
 from storage.db import Store  # noqa: E402

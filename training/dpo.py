@@ -41,10 +41,17 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "
 class PrefDPOConfig(CommonConfig):
     """LoRA DPO on preference pairs (prompt, chosen, rejected).
 
-    Defaults differ from TRL's DPOConfig on purpose (small data, LoRA, CPU): learning_rate 5e-5 (TRL 1e-6 is for
-    full fine-tuning; LoRA needs more), epochs 2 (TRL 3), beta 0.1 (same), batch_size 4 (TRL 8), max_length 256
-    (TRL 1024), logging every step (TRL 10), gradient checkpointing off (TRL on), bf16 only on a bf16 GPU (TRL
-    always), lora_dropout 0 (TRL disables dropout for DPO anyway). See README "DPO defaults" for the measurement.
+    Defaults differ from TRL's DPOConfig on purpose (small data, LoRA, CPU): learning_rate 2e-4 (TRL's 1e-6 is
+    for full fine-tuning; a zero-initialised LoRA B needs far more), epochs 2 (TRL 3), beta 0.1 (same), LoRA r 8 /
+    alpha 16, batch_size 4 (TRL 8), max_length 256 (TRL 1024), logging every step (TRL 10), gradient
+    checkpointing off (TRL on), bf16 only on a bf16 GPU (TRL always), lora_dropout 0 (TRL turns dropout off in
+    DPO anyway; a nonzero value here keeps it on).
+
+    Measured with bench/dpo_defaults.py (bundled SmolLM2-135M, 60 self-generated pairs, the longer answer chosen,
+    batch 8, 8 held-out prompts): lr 2e-4 × 2 epochs moved answers from 112.5 to 123.5 words on average with
+    KL(new ‖ base) 0.43 nats per answer, still on topic; the issue's lr 5e-4 × 3 epochs reached KL 6.6 nats
+    per answer (15× more; 134 words, drifting off the question). On other data lr 5e-5 × 2 epochs barely
+    moved the model (KL 0.01 nats per answer).
     """
 
     method_name: ClassVar[str] = "dpo"
