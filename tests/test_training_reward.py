@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see training/__main__.py
+
 from tests.datahelpers import TOPICS
 
 REPO = Path(__file__).resolve().parent.parent
