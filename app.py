@@ -16,6 +16,9 @@ import threading
 import time
 from pathlib import Path
 
+# Idle OpenMP threads sleep instead of spinning: the engine shares 2 cores with a training child, and spinning
+# teams made a batched step up to ~50x slower here. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 STARTED = time.monotonic()
 ON_SPACES = bool(os.environ.get("SPACE_ID"))
 DEFAULT_STRATEGIES = ("self", "versions")  # versions pairs appear once a trained version is served
