@@ -174,9 +174,10 @@ class JobRunner:
             config["init_adapter"] = parent["adapter_path"]
         if method == "ppo":
             config["prompts"] = str(data_path)
-        if method == "reward":  # the new reward model also scores every stored generation (Data tab)
+        generations = generations_to_score(self.store, reward_model_id=-1) if method == "reward" else []
+        if generations:  # the new reward model also scores every stored generation (Data tab)
             config["score_data"] = str(run_dir / "generations.jsonl")
-            _write_jsonl(run_dir / "generations.jsonl", generations_to_score(self.store, reward_model_id=-1))
+            _write_jsonl(run_dir / "generations.jsonl", generations)
         (run_dir / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=True), encoding="utf-8")
         (run_dir / "trained_on.json").write_text(json.dumps(comparison_ids), encoding="utf-8")
         meta = {"config": config, "chain": chain, "trained_on": len(comparison_ids)}
