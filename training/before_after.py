@@ -12,6 +12,7 @@ mean over answers of sum_t (log p_new(y_t) − log p_parent(y_t)). Used by DPO a
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 HELDOUT_FILE = Path(__file__).with_name("heldout_prompts.txt")
@@ -38,6 +39,19 @@ def heldout_prompts(train_rows: list[dict], limit: int, path: str | Path = HELDO
         if text and not text.startswith("#") and _normalize(text) not in trained:
             chosen.append([{"role": "user", "content": text}])
     return chosen[:limit]
+
+
+def run_before_after(cfg, adapter_dir: Path, train_rows: list[dict]) -> dict:
+    """The panel for a finished run: held-out prompts (none of `train_rows`' prompts) answered by the parent
+    (cfg.init_adapter, or the base) and the new adapter; also written to RUN_DIR/before_after.json."""
+    from training.common import write_json
+
+    started = time.monotonic()
+    prompts = heldout_prompts(train_rows, cfg.before_after_prompts)
+    result = before_after(cfg, adapter_dir, cfg.init_adapter, prompts, cfg.seed)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    write_json(Path(cfg.out) / "before_after.json", result)
+    return result
 
 
 def before_after(cfg, new_adapter_dir, parent_adapter_dir, prompts: list[list[dict]], seed: int) -> dict:

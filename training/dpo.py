@@ -12,11 +12,11 @@ Reads only the snapshot file; never opens the DuckDB database.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from training.before_after import run_before_after
 from training.common import (
     DPO_RENAME,
     CommonConfig,
@@ -31,7 +31,6 @@ from training.common import (
     save_adapter,
     split_rows,
     trainer_args_kwargs,
-    write_json,
 )  # fmt: skip
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down")
@@ -131,18 +130,6 @@ def summarize(cfg: PrefDPOConfig, steps: int, progress, n_train: int, n_eval: in
     }  # fmt: skip
     metrics.update({f"eval_{k}": v for k, v in progress.last_eval.items() if k not in ("event", "time")})
     return metrics
-
-
-def run_before_after(cfg: CommonConfig, adapter_dir: Path, rows: list[dict]) -> dict:
-    """Held-out samples from parent and new version; also written to RUN_DIR/before_after.json."""
-    from training.before_after import before_after, heldout_prompts
-
-    started = time.monotonic()
-    prompts = heldout_prompts(rows, cfg.before_after_prompts)
-    result = before_after(cfg, adapter_dir, cfg.init_adapter, prompts, cfg.seed)
-    result["seconds"] = round(time.monotonic() - started, 1)
-    write_json(Path(cfg.out) / "before_after.json", result)
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from training.before_after import run_before_after
 from training.common import (
     PPO_RENAME,
     CommonConfig,
@@ -39,7 +40,6 @@ from training.common import (
     run_method,
     save_adapter,
     trainer_args_kwargs,
-    write_json,
 )  # fmt: skip
 from training.reward import as_prompt, check_reward_model, use_distinct_pad_token
 
@@ -260,7 +260,7 @@ def train(cfg: PPORunConfig, writer: ProgressWriter, cancel: threading.Event) ->
     del trainer, policy, reward_model, value_model  # free the training models before sampling again
     gc.collect()
     if not cancel.is_set() and cfg.before_after_prompts > 0:
-        metrics["before_after"] = run_before_after(cfg, adapter_dir, prompts)
+        metrics["before_after"] = run_before_after(cfg, adapter_dir, [{"prompt": p} for p in prompts])
     return metrics
 
 
@@ -276,18 +276,6 @@ def summarize(cfg: PPORunConfig, state, progress: PPOProgress, seconds: float, n
     metrics.update({key: progress.last.get(key) for key in SUMMARY_KEYS})
     metrics.update({f"first_{key}": progress.first.get(key) for key in ("reward", "score")})
     return metrics
-
-
-def run_before_after(cfg: PPORunConfig, adapter_dir: Path, prompts: list[list[dict]]) -> dict:
-    """Held-out prompts (not among the PPO prompts) answered by parent and new; also RUN_DIR/before_after.json."""
-    from training.before_after import before_after, heldout_prompts
-
-    started = time.monotonic()
-    heldout = heldout_prompts([{"prompt": p} for p in prompts], cfg.before_after_prompts)
-    result = before_after(cfg, adapter_dir, cfg.init_adapter, heldout, cfg.seed)
-    result["seconds"] = round(time.monotonic() - started, 1)
-    write_json(Path(cfg.out) / "before_after.json", result)
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
