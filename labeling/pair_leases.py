@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from storage.db import CHOICES, MAX_FIELD_CHARS
+from storage.db import CHOICES, MAX_FIELD_CHARS, insert_comparisons
 
 AVAILABLE = "(status = 'ready' OR (status = 'leased' AND lease_expires <= ?))"  # a pair someone may be given
 
@@ -155,18 +155,11 @@ class LeaseDesk:
         if not accepted:
             return results, changes
         new_names = list({v.annotator for v in accepted} - self._known_annotators)
-        if new_names:
-            cur.execute(f"INSERT INTO annotators (name) VALUES {', '.join(['(?)'] * len(new_names))} "
-                        "ON CONFLICT DO NOTHING", new_names)  # fmt: skip
-        values = [x for v in accepted for x in (v.pair_id, *pairs[v.pair_id][3:], v.annotator, v.choice, v.rationale,
-                                                v.edited_answer, v.time_spent_s)]  # fmt: skip
-        ids = dict(cur.execute(
-            "INSERT INTO comparisons (id, pair_id, prompt_id, generation_a, generation_b, annotator, choice, "
-            "rationale, edited_answer, time_spent_s, source) VALUES "
-            + ", ".join(["(nextval('comparisons_id_seq'), ?, ?, ?, ?, ?, ?, ?, ?, ?, 'ui')"] * len(accepted))
-            + " RETURNING pair_id, id", values).fetchall())  # fmt: skip
+        rows = [[v.pair_id, *pairs[v.pair_id][3:], v.annotator, v.choice, v.rationale, v.edited_answer, v.time_spent_s,
+                 "ui", None, None] for v in accepted]  # fmt: skip
+        new_ids = iter(insert_comparisons(cur, rows, annotators=new_names))  # in the order of `accepted`
         self._known_annotators.update(new_names)
-        return [r if r is not None else int(ids[v.pair_id]) for r, v in zip(results, votes, strict=True)], changes
+        return [r if r is not None else next(new_ids) for r in results], changes
 
     def _vote_problem(self, vote: Vote, pair: tuple | None, now: datetime) -> ValueError | None:
         if pair is None:
