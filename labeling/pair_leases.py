@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from storage.db import CHOICES, MAX_FIELD_CHARS, insert_comparisons
+from storage.db import annotator_name, check_judgement, insert_comparisons
 
 AVAILABLE = "(status = 'ready' OR (status = 'leased' AND lease_expires <= ?))"  # a pair someone may be given
 
@@ -86,11 +86,7 @@ class LeaseDesk:
     def vote(self, pair_id: int, annotator: str, choice: str, rationale: str | None = None,
              edited_answer: str | None = None, time_spent_s: float | None = None) -> int:  # fmt: skip
         """Validate, then store the vote with its pair change (see PairQueue.record_vote); the comparison id."""
-        if choice not in CHOICES:
-            raise ValueError(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
-        for label, text in (("rationale", rationale), ("edited answer", edited_answer)):
-            if text is not None and len(text) > MAX_FIELD_CHARS:
-                raise ValueError(f"the {label} is over {MAX_FIELD_CHARS:,} characters")
+        check_judgement(choice, rationale, edited_answer)
         return self._requests.run(
             Vote(int(pair_id), annotator_name(annotator), choice, rationale, edited_answer, time_spent_s)
         )
@@ -191,10 +187,3 @@ class LeaseDesk:
         return {int(r[0]): {"pair_id": int(r[0]), "messages": json.loads(r[1]), "answer_a": r[2], "answer_b": r[3],
                             "version_a": as_version(r[4]), "version_b": as_version(r[5]), "strategy": r[6]}
                 for r in rows}  # fmt: skip
-
-
-def annotator_name(annotator: str) -> str:
-    name = annotator.strip() if isinstance(annotator, str) else ""
-    if not name:
-        raise ValueError("every judgement needs an annotator name")
-    return name

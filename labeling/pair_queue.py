@@ -24,7 +24,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from labeling.engine import SEED_RANGE, Generation, SamplingParams
-from labeling.pair_leases import AVAILABLE, LeaseDesk, annotator_name, utc_now
+from labeling.pair_leases import AVAILABLE, LeaseDesk, utc_now
+from storage.db import annotator_name
 
 STRATEGIES = ("self", "versions")
 SELF_TEMPERATURES = (0.7, 1.0)  # one cooler, one hotter sample: different enough to be worth comparing

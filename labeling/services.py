@@ -12,13 +12,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.db import canonical_messages
+from storage.db import CHOICES, canonical_messages
 from storage.scores import comparison_scores
 
 MAX_PROMPT_CHARS = 8_000  # longer than the bundled model's useful context; bigger input is rejected, not cut
 MAX_RATIONALE_CHARS = 4_000
 MAX_EDIT_CHARS = 20_000
-CHOICES = {"A": "A", "B": "B", "tie": "tie", "both_bad": "both_bad", "skip": "skip"}
 
 
 class UserError(ValueError):
@@ -50,7 +49,7 @@ class Services:
     def vote(self, pair_id, annotator: str, choice: str, rationale: str = "", edited: str = "", seconds=None) -> int:
         annotator = self.annotator_name(annotator)
         if choice not in CHOICES:
-            raise UserError(f"Unknown choice {choice!r}: use A, B, tie, both_bad or skip.")
+            raise UserError(f"Unknown choice {choice!r}: use {', '.join(CHOICES)}.")
         try:
             pair_id = int(pair_id)
         except (TypeError, ValueError):

@@ -215,7 +215,7 @@ class Store:
         return self.write(insert, cur)
 
     def ensure_annotator(self, name: str, cur=None) -> None:
-        name = _annotator(name)
+        name = annotator_name(name)
         self.write(lambda c: c.execute("INSERT INTO annotators (name) VALUES (?) ON CONFLICT DO NOTHING", [name]), cur)
 
     # ---- comparisons --------------------------------------------------------------------------------------
@@ -224,12 +224,8 @@ class Store:
                        time_spent_s: float | None = None, source: str = "ui", supersedes: int | None = None,
                        dedupe_key: str | None = None, cur=None) -> int | None:  # fmt: skip
         """Append a judgement. Returns its id, or None when `dedupe_key` was already stored (a re-import)."""
-        annotator = _annotator(annotator)
-        if choice not in CHOICES:
-            raise ValueError(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
-        for label, value in (("rationale", rationale), ("edited answer", edited_answer)):
-            if value is not None and len(value) > MAX_FIELD_CHARS:
-                raise ValueError(f"the {label} is over {MAX_FIELD_CHARS:,} characters")
+        annotator = annotator_name(annotator)
+        check_judgement(choice, rationale, edited_answer)
         values = [pair_id, prompt_id, generation_a, generation_b, annotator, choice, rationale, edited_answer,
                   time_spent_s, source, supersedes, dedupe_key]  # fmt: skip
 
@@ -243,7 +239,7 @@ class Store:
 
     def undo_comparison(self, comparison_id: int, annotator: str, cur=None) -> int:
         """Append an 'undone' row superseding the comparison (the table stays append-only)."""
-        annotator = _annotator(annotator)
+        annotator = annotator_name(annotator)
 
         def insert(c) -> int:
             row = c.execute(
@@ -373,11 +369,21 @@ def _insert_comparison_rows(cur, items: list[_Pending]) -> dict[int, int]:
     return {id(item): new_id for new_id, item in zip(ids, items, strict=True)}
 
 
-def _annotator(name: str) -> str:
+def annotator_name(name: str) -> str:
+    """The stored form of an annotator's name (stripped); ValueError when there is none."""
     name = (name or "").strip() if isinstance(name, str) else ""
     if not name:
         raise ValueError("every judgement needs an annotator name")
     return name
+
+
+def check_judgement(choice: str, rationale: str | None, edited_answer: str | None) -> None:
+    """ValueError for a choice outside CHOICES or a rationale / edited answer over MAX_FIELD_CHARS."""
+    if choice not in CHOICES:
+        raise ValueError(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
+    for label, value in (("rationale", rationale), ("edited answer", edited_answer)):
+        if value is not None and len(value) > MAX_FIELD_CHARS:
+            raise ValueError(f"the {label} is over {MAX_FIELD_CHARS:,} characters")
 
 
 def _decode_version(row: dict) -> dict:
