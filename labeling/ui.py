@@ -97,7 +97,7 @@ def build_label_tab(services: Services, who: gr.State, name_store: gr.BrowserSta
 
     shown = [pair, shown_at, prompt_md, answer_a, answer_b, rationale, edited, counters]
 
-    def show(name: str, current: dict | None, note: str = ""):
+    def show(name: str):
         """The next pair for this person (or the 'being generated' notice), plus counters."""
         nxt = services.next_pair(name) if name else None
         counts = _counters(services, name)
@@ -112,14 +112,14 @@ def build_label_tab(services: Services, who: gr.State, name_store: gr.BrowserSta
         name = (getattr(request, "username", None) or stored or "").strip()
         if not name:
             return "", gr.update(visible=True), *([gr.skip()] * len(shown)), ""
-        return name, gr.update(visible=False), *show(name, None), f"Labeling as **{name}**."
+        return name, gr.update(visible=False), *show(name), f"Labeling as **{name}**."
 
     def set_name(typed: str):
         try:
             name = services.annotator_name(typed)
         except UserError as exc:
             return "", gr.skip(), gr.update(visible=True), *([gr.skip()] * len(shown)), f"⚠️ {exc}"
-        return name, name, gr.update(visible=False), *show(name, None), f"Labeling as **{name}**."
+        return name, name, gr.update(visible=False), *show(name), f"Labeling as **{name}**."
 
     def cast(choice: str):
         def handler(name: str, current: str, started: float, why: str, fixed: str):
@@ -128,8 +128,8 @@ def build_label_tab(services: Services, who: gr.State, name_store: gr.BrowserSta
             try:
                 services.vote(current, name, choice, why, fixed, round(time.time() - started, 2) if started else None)
             except UserError as exc:
-                return *show(name, None), f"⚠️ {exc} (showing a fresh pair)"
-            return *show(name, None), _receipt(choice, services.queue.pair_view(int(current)))
+                return *show(name), f"⚠️ {exc} (showing a fresh pair)"
+            return *show(name), _receipt(choice, services.queue.pair_view(int(current)))
 
         return handler
 
@@ -143,7 +143,7 @@ def build_label_tab(services: Services, who: gr.State, name_store: gr.BrowserSta
     def poll(name: str, current: str):
         if not name or current:
             return *([gr.skip()] * len(shown)), gr.skip()
-        return *show(name, None), gr.skip()
+        return *show(name), gr.skip()
 
     def own(name: str, text: str):
         try:
