@@ -207,9 +207,7 @@ def score_stored_generations(cfg: RewardModelConfig) -> int:
     """Score the app's snapshot of stored generations with the new reward model; rows go to RUN_DIR/scores.jsonl."""
     from training.score import score_rows, write_rows
 
-    rows = load_rows(cfg.score_data)
-    if not rows:
-        return 0
+    rows = load_rows(cfg.score_data)  # never empty: load_rows refuses a file without rows
     scored = score_rows(rows, Path(cfg.out) / "reward_model", cfg.score_data, max_length=cfg.max_length)
     write_rows([{"generation_id": r.get("generation_id"), "score": r["score"]} for r in scored],
                Path(cfg.out) / "scores.jsonl")  # fmt: skip
