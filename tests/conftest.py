@@ -51,3 +51,13 @@ def tiny_model_dir(tmp_path_factory, bundled_model_dir) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    """A generation engine on the tiny model (batches of up to 8 rows), closed after the test."""
+    from labeling.engine import GenerationEngine
+
+    engine = GenerationEngine(str(tiny_model_dir), max_batch=8)
+    yield engine
+    engine.close()

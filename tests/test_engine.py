@@ -13,18 +13,11 @@ import pytest
 import torch
 
 from labeling.backends import BackendError, OpenAICompatibleBackend, VLLMBackend
-from labeling.engine import GenerationEngine, SamplingParams
+from labeling.engine import SamplingParams
 
 
 def chat(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
-
-
-@pytest.fixture
-def engine(tiny_model_dir):
-    engine = GenerationEngine(str(tiny_model_dir), max_batch=8)
-    yield engine
-    engine.close()
 
 
 def make_adapter(model_dir: Path, out: Path, seed: int = 1) -> Path:

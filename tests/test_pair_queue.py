@@ -30,13 +30,6 @@ def store(tmp_path):
     store.close()
 
 
-@pytest.fixture
-def engine(tiny_model_dir):
-    engine = GenerationEngine(str(tiny_model_dir), max_batch=8)
-    yield engine
-    engine.close()
-
-
 def rows(store, sql: str, params=None) -> list[tuple]:
     with store.read() as cur:
         return cur.execute(sql, params or []).fetchall()
