@@ -62,7 +62,7 @@ def load_auth(path: str | None) -> list[tuple[str, str]] | None:
 
 
 def create_services(args: argparse.Namespace):
-    from labeling.engine import GenerationEngine, SamplingParams
+    from generation.engine import GenerationEngine, SamplingParams
     from labeling.pair_queue import PairQueue
     from labeling.services import Services
     from storage.db import Store
@@ -104,7 +104,7 @@ def _report_first_pair(services) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     auth = load_auth(args.auth)
-    from labeling.ui import CSS, KEYBOARD_JS, build_app
+    from ui.app import CSS, KEYBOARD_JS, build_app
 
     services = create_services(args)
     threading.Thread(target=_report_first_pair, args=(services,), daemon=True).start()

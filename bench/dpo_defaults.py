@@ -41,7 +41,7 @@ def make_pairs(n: int, out: Path) -> list[dict]:
     """Two samples per prompt from the bundled model; the rule: the longer answer (more words) is chosen."""
     import torch
 
-    from labeling.models import load_base_model, load_tokenizer
+    from models.loading import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer("bundled", REPO / "data" / "models", padding_side="left")
     model = load_base_model("bundled", REPO / "data" / "models")

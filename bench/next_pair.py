@@ -77,7 +77,7 @@ def main() -> None:
         fill(store, args.callers * args.rounds + 50)  # enough that nobody runs dry
         engine = None
         if args.with_refill:
-            from labeling.engine import GenerationEngine, SamplingParams
+            from generation.engine import GenerationEngine, SamplingParams
 
             engine = GenerationEngine("bundled")
             queue = PairQueue(store, engine, target=10_000, params=SamplingParams(max_new_tokens=64))

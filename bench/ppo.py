@@ -122,7 +122,7 @@ def plain_worker(args) -> None:
     )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from labeling.models import resolve_model
+    from models.loading import resolve_model
 
     out = Path(args.work)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 # that only the app's own overhead is compared (the default spin policy is far slower on busy shared cores).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from labeling.models import resolve_model  # noqa: E402  (needs the repo on sys.path)
+from models.loading import resolve_model  # noqa: E402  (needs the repo on sys.path)
 from storage.db import Store  # noqa: E402
 from tests.datahelpers import seed_preferences  # noqa: E402
 from training.runner import JobRunner  # noqa: E402

@@ -19,7 +19,7 @@ from tests.test_browser_label import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
-    from labeling.models import resolve_model
+    from models.loading import resolve_model
 
     model = Path(resolve_model("bundled", REPO / "data" / "models"))
     with tempfile.TemporaryDirectory() as tmp, running_app(Path(tmp), model, queue_size=2) as (url, _services):

@@ -81,7 +81,7 @@ def generate(args: argparse.Namespace) -> dict:
 def run_generation(store, args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from labeling.engine import GenerationEngine, SamplingParams
+    from generation.engine import GenerationEngine, SamplingParams
     from labeling.pair_queue import PairQueue
 
     try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from labeling.engine import SEED_RANGE, Generation, SamplingParams
+from generation.engine import SEED_RANGE, Generation, SamplingParams
 from labeling.pair_leases import AVAILABLE, LeaseDesk, utc_now
 from storage.db import annotator_name
 

@@ -19,7 +19,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_app(tmp_path: Path, model_dir: Path, *extra: str, queue_size: int = 8, wait_pairs: int = 1):
     """Yields (url, services) with a filled pair queue; closes everything afterwards."""
-    from labeling.ui import CSS, KEYBOARD_JS, build_app
+    from ui.app import CSS, KEYBOARD_JS, build_app
 
     port = free_port()
     args = prefloop_app.parse_args(

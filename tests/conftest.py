@@ -19,7 +19,7 @@ MODEL_CACHE = Path(os.environ.get("PREFLOOP_MODEL_CACHE", REPO / "data" / "model
 @pytest.fixture(scope="session")
 def bundled_model_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted once into the shared model cache."""
-    from labeling.models import resolve_model
+    from models.loading import resolve_model
 
     return Path(resolve_model("bundled", MODEL_CACHE))
 
@@ -56,7 +56,7 @@ def tiny_model_dir(tmp_path_factory, bundled_model_dir) -> Path:
 @pytest.fixture
 def engine(tiny_model_dir):
     """A generation engine on the tiny model (batches of up to 8 rows), closed after the test."""
-    from labeling.engine import GenerationEngine
+    from generation.engine import GenerationEngine
 
     engine = GenerationEngine(str(tiny_model_dir), max_batch=8)
     yield engine

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from labeling.backends import BackendError, OpenAICompatibleBackend, VLLMBackend
-from labeling.engine import SamplingParams
+from generation.backends import BackendError, OpenAICompatibleBackend, VLLMBackend
+from generation.engine import SamplingParams
 
 
 def chat(text: str) -> list[dict]:

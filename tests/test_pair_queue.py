@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from labeling.engine import GenerationEngine, SamplingParams
+from generation.engine import GenerationEngine, SamplingParams
 from labeling.pair_queue import PairQueue
 from storage.db import Store
 from tests.test_engine import make_adapter

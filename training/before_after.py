@@ -65,7 +65,7 @@ def before_after(cfg, new_adapter_dir, parent_adapter_dir, prompts: list[list[di
     import torch
     from peft import PeftModel
 
-    from labeling.models import load_base_model, load_tokenizer
+    from models.loading import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.base_model, cfg.model_cache, padding_side="left")
     model = PeftModel.from_pretrained(load_base_model(cfg.base_model, cfg.model_cache), str(new_adapter_dir),

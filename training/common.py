@@ -330,14 +330,6 @@ def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[
 
 
 # ---- models --------------------------------------------------------------------------------------------
-def training_dtype_name() -> str:
-    """bf16 weights on a bf16 GPU, else float32 (fp16-only GPUs train in fp32 weights with fp16 autocast)."""
-    from labeling.models import pick_placement
-
-    name = pick_placement().dtype_name
-    return "bfloat16" if name == "bfloat16" else "float32"
-
-
 def quiet_progress_bars() -> None:
     """No tqdm bars from transformers/datasets in log.txt (progress.jsonl is the progress record)."""
     import datasets
@@ -348,7 +340,7 @@ def quiet_progress_bars() -> None:
 
 
 def load_tokenizer_for_training(cfg: CommonConfig, padding_side: str = "left"):
-    from labeling.models import load_tokenizer
+    from models.loading import load_tokenizer
 
     return load_tokenizer(cfg.base_model, cfg.model_cache, padding_side=padding_side)
 
@@ -363,7 +355,8 @@ def load_model_for_training(cfg: CommonConfig, kind: str = "causal"):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
-    from labeling.models import resolve_model
+    from models.device import training_dtype_name
+    from models.loading import resolve_model
 
     quiet_progress_bars()
     set_seed(cfg.seed)  # the LoRA A init and any head init are then reproducible
@@ -396,8 +389,8 @@ def lora_config(cfg: CommonConfig, task_type: str = "CAUSAL_LM", **extra: Any):
 
 
 def trainer_args_kwargs(cfg: CommonConfig) -> dict:
-    """TrainingArguments kwargs every method shares; the device/dtype choice comes from labeling.models."""
-    from labeling.models import pick_placement
+    """TrainingArguments kwargs every method shares; the device/dtype choice comes from models.loading."""
+    from models.device import pick_placement
 
     placement = pick_placement()
     on_gpu = placement.device != "cpu"

@@ -108,7 +108,7 @@ class PPORunConfig(CommonConfig):
 
 def _check_vocab(cfg: PPORunConfig) -> None:
     """The reward model must read the policy's token ids: same vocabulary size as the base (when it is on disk)."""
-    from labeling.models import BUNDLED, BUNDLED_FOLDER
+    from models.loading import BUNDLED, BUNDLED_FOLDER
 
     base = Path(cfg.model_cache) / BUNDLED_FOLDER if cfg.base_model == BUNDLED else Path(cfg.base_model)
     if not (base / "config.json").is_file():
@@ -190,7 +190,7 @@ def load_models(cfg: PPORunConfig):
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from training.common import training_dtype_name
+    from models.device import training_dtype_name
 
     policy, tokenizer = load_model_for_training(cfg, "causal")
     use_distinct_pad_token(tokenizer)

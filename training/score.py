@@ -51,7 +51,7 @@ class RewardScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from labeling.models import pick_placement
+        from models.device import pick_placement
 
         placement = pick_placement()
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

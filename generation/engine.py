@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from labeling.models import load_base_model, load_tokenizer, pick_placement
+from models.device import pick_placement
+from models.loading import load_base_model, load_tokenizer
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 SEED_RANGE = 2**31  # seeds drawn for requests that bring none (fits every RNG API)
