@@ -1,4 +1,4 @@
-"""Schema changes as numbered functions, applied in order on open and recorded in `migrations`.
+"""Schema changes as numbered functions, applied in order on open and recorded by name in `migrations`.
 
 Never edit a migration that has shipped: add the next one. Tests apply MIGRATIONS[:k] to a file, reopen it
 with the full list, and check that nothing is lost.
@@ -78,21 +78,31 @@ MIGRATIONS: list[Callable] = [m001_initial, m002_settings, m003_reward_scores]
 
 
 def apply_migrations(con, migrations: list[Callable] | None = None) -> list[str]:
-    """Apply the migrations not yet recorded, each in its own transaction. Returns the names applied now."""
+    """Apply the migrations not yet recorded, each in its own transaction. Returns the names applied now.
+
+    A migration is known by its function name (recorded in `migrations.name`), not by its place in the list,
+    so reordering or removing an entry can never re-run or skip another one.
+    """
     migrations = MIGRATIONS if migrations is None else migrations
+    names = [m.__name__ for m in migrations]
+    if len(set(names)) != len(names):
+        raise ValueError("two migrations share a name")
     cur = con.cursor()
     cur.execute(
         "CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP)"
     )
-    done = {row[0] for row in cur.execute("SELECT id FROM migrations").fetchall()}
+    done = {row[0] for row in cur.execute("SELECT name FROM migrations").fetchall()}
     applied = []
-    for number, migration in enumerate(migrations, start=1):
-        if number in done:
+    for migration in migrations:
+        if migration.__name__ in done:
             continue
         cur.execute("BEGIN")
         try:
             migration(cur)
-            cur.execute("INSERT INTO migrations VALUES (?, ?, now())", [number, migration.__name__])
+            cur.execute(
+                "INSERT INTO migrations SELECT coalesce(max(id), 0) + 1, ?, now() FROM migrations",
+                [migration.__name__],
+            )
             cur.execute("COMMIT")
         except Exception:
             cur.execute("ROLLBACK")

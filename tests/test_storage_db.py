@@ -51,6 +51,32 @@ def test_a_file_made_by_an_older_migration_set_upgrades_without_loss(tmp_path, a
     store.close()
 
 
+def test_migrations_are_known_by_name_not_by_position():
+    """A list that gains an entry in the middle applies only that one; the others are not run again."""
+    con = duckdb.connect(":memory:")
+    calls = []
+
+    def m_first(cur):
+        calls.append("first")
+        cur.execute("CREATE TABLE first_t (x INTEGER)")
+
+    def m_last(cur):
+        calls.append("last")
+        cur.execute("CREATE TABLE last_t (x INTEGER)")
+
+    def m_middle(cur):
+        calls.append("middle")
+        cur.execute("CREATE TABLE middle_t (x INTEGER)")
+
+    assert apply_migrations(con, [m_first, m_last]) == ["m_first", "m_last"]
+    assert apply_migrations(con, [m_first, m_middle, m_last]) == ["m_middle"]
+    assert calls == ["first", "last", "middle"]
+    names = [r[0] for r in con.execute("SELECT name FROM migrations ORDER BY id").fetchall()]
+    assert names == ["m_first", "m_last", "m_middle"]
+    with pytest.raises(ValueError, match="share a name"):
+        apply_migrations(con, [m_first, m_first])
+
+
 def test_prompts_are_stored_once_and_validated():
     store = Store(":memory:")
     first = store.add_prompt("What is tea?", "test")
