@@ -1,4 +1,4 @@
-"""`python -m storage import|export|stats`: the store from the command line.
+"""`python -m storage import|export|stats|leaderboard`: the store from the command line.
 
 Success prints one JSON line and exits 0; any failure prints one `error: ...` line on stderr and exits 1.
 """
@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     stats = commands.add_parser("stats", help="counts per choice, annotator, source and model version")
     stats.add_argument("--db", default=default_db_path(), help=db_help)
+
+    board = commands.add_parser("leaderboard", help="Bradley–Terry ratings of the models, best first, with 95%% CIs")
+    board.add_argument("--db", default=default_db_path(), help=db_help + "; opened read-only")
+    board.add_argument("--bootstrap", type=int, default=200, help="resamples for the CIs (0: none; default 200)")
+    board.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     return parser.parse_args(argv)
 
 
@@ -61,11 +66,15 @@ def open_store(db: str):
         raise RuntimeError(f"cannot open {db}: {exc}") from None
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict | list:
     if args.command == "export" and Path(args.out).suffix.lower() not in EXTENSIONS:
         raise ValueError(f"--out {args.out} must end in {' or '.join(EXTENSIONS)}")
     if args.command == "import" and not Path(args.path).is_file():
         raise ValueError(f"{args.path}: no such file")  # before the database file is created or opened
+    if args.command == "leaderboard":  # read-only: never creates or migrates the file
+        from storage.ratings import leaderboard_from_file
+
+        return leaderboard_from_file(args.db, bootstrap=args.bootstrap, seed=args.seed)
     store = open_store(args.db)
     try:
         if args.command == "import":

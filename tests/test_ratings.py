@@ -76,8 +76,8 @@ def test_the_fit_recovers_known_strengths(arena, arena_store):
     assert {row["model"]: row["battles"] for row in board} == arena["played"]
     fitted = {row["model"]: row for row in board}
     assert sum(row["rating"] for row in board) / len(board) == pytest.approx(1000.0, abs=0.05)  # mean-anchored
-    for x, y in combinations(TRUTH, 2):  # the spread: every rating difference (≈ 20 points standard error)
-        assert (fitted[x]["rating"] - fitted[y]["rating"]) == pytest.approx(TRUTH[x] - TRUTH[y], abs=60), (x, y)
+    for x, y in combinations(TRUTH, 2):  # the spread: every difference (≈ 14 points standard error)
+        assert (fitted[x]["rating"] - fitted[y]["rating"]) == pytest.approx(TRUTH[x] - TRUTH[y], abs=45), (x, y)
     # 95% CIs: the truth (anchored on its mean like the fit) inside each interval, but for at most one model
     # that may sit just outside (five intervals at 95% all cover only ≈ 77% of the time)
     outside = [name for name, row in fitted.items() if not row["ci_low"] <= TRUTH[name] <= row["ci_high"]]
@@ -97,9 +97,13 @@ def test_sql_counts_match_the_per_battle_load(arena, arena_store):
     assert int((battles.score_a == 0.5).sum()) == arena["ties"]
     in_sql, in_numpy = battle_counts(arena_store), battle_counts(battles)
     assert in_sql.models == in_numpy.models
-    as_dict = lambda c: {(int(i), int(j)): c.counts[p].tolist() for p, (i, j) in enumerate(zip(c.first, c.second))}  # noqa: E731
-    assert as_dict(in_sql) == as_dict(in_numpy)
+    assert per_pair(in_sql) == per_pair(in_numpy)
     assert in_sql.counts.sum() == ARENA_BATTLES
+
+
+def per_pair(counts) -> dict:
+    pairs = zip(counts.first.tolist(), counts.second.tolist(), strict=True)
+    return {pair: row for pair, row in zip(pairs, counts.counts.tolist(), strict=True)}
 
 
 def test_win_rate_matrix_is_consistent(arena, arena_store):
@@ -133,8 +137,11 @@ def versioned_store(tmp_path) -> tuple[Store, int, dict]:
 
 def test_only_effective_comparisons_between_two_models_are_battles(tmp_path):
     store, prompt, g = versioned_store(tmp_path)
-    judge = lambda a, b, choice, **kw: store.add_comparison(  # noqa: E731
-        prompt_id=prompt, generation_a=g[a], generation_b=g[b], annotator="tester", choice=choice, **kw)
+
+    def judge(a: str, b: str, choice: str, **extra) -> int:
+        return store.add_comparison(prompt_id=prompt, generation_a=g[a], generation_b=g[b], annotator="tester",
+                                    choice=choice, **extra)  # fmt: skip
+
     try:
         judge("v0", "v1", "A")  # v0 beats v1
         judge("v1 named", "v0", "B")  # a version wins over a model name: v0 beats v1 again
@@ -161,8 +168,9 @@ def test_only_effective_comparisons_between_two_models_are_battles(tmp_path):
 def test_ties_and_both_bad_count_half_a_win_each(tmp_path):
     store, prompt, g = versioned_store(tmp_path)
     try:
-        for a, b, choice in [("v1", "v0", "A"), ("v0", "v1", "B"), ("v1", "v0", "B"), ("v1", "v0", "tie"),
-                             ("v0", "v1", "both_bad")]:  # fmt: skip  (v1: 2 wins, 1 loss, 2 ties)
+        v1_record = [("v1", "v0", "A"), ("v0", "v1", "B"), ("v1", "v0", "B"), ("v1", "v0", "tie"),
+                     ("v0", "v1", "both_bad")]  # fmt: skip
+        for a, b, choice in v1_record:  # v1: 2 wins, 1 loss, 2 ties
             store.add_comparison(prompt_id=prompt, generation_a=g[a], generation_b=g[b], annotator="t", choice=choice)
         record = head_to_head(store, "v1", "v0")
         assert (record["wins"], record["losses"], record["ties"], record["win_rate"]) == (2, 1, 2, 0.6)
