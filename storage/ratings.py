@@ -64,8 +64,8 @@ class Battles:
 
 @dataclass(frozen=True)
 class BattleCounts:
-    """Battles aggregated per model pair: `first` < `second` index `models`; `counts[p]` holds the battles of
-    pair p that the first model won, that the second won, and that were tied (tie or both_bad)."""
+    """Battles aggregated per model pair, pairs sorted: `first` < `second` index `models`; `counts[p]` holds the
+    battles of pair p that the first model won, that the second won, and that were tied (tie or both_bad)."""
 
     models: list[str]
     first: np.ndarray
@@ -145,11 +145,13 @@ def _count_battles(battles: Battles) -> BattleCounts:
 
 
 def _ordered(models, first, second, counts) -> BattleCounts:
-    """Counts with first < second (string order in SQL and in Python could differ): swap where needed."""
+    """Counts with first < second (string order in SQL and in Python could differ), pairs in (first, second)
+    order as from numpy, so a seed draws the same resamples from either."""
     swap = first > second
     first, second = np.where(swap, second, first), np.where(swap, first, second)
     counts = np.where(swap[:, None], counts[:, [1, 0, 2]], counts)
-    return BattleCounts(models, first, second, counts)
+    order = np.lexsort((second, first))
+    return BattleCounts(models, first[order], second[order], counts[order])
 
 
 # ---- the Bradley–Terry fit ----------------------------------------------------------------------------------
