@@ -1,0 +1,173 @@
+"""storage/backup_hub.py up to the network boundary: a local stand-in Hub, a closed port, a silent port."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from storage.backup import Backup, restore
+from storage.backup_hub import HubSync, HubSyncError
+from storage.db import Store
+from tests.test_backup import dump, fill, lose_disk
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "db" / "prefloop.duckdb")
+    yield s
+    s.close()
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """A stand-in Hub that records each request. With `server.repo` (a folder) it serves that folder as the dataset
+    repo (info, tree, files); without, the repo does not exist and creating it is refused."""
+
+    def answer(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        path = self.path.split("?")[0]
+        self.server.seen.append((self.command, path, self.headers.get("authorization"), body))
+        repo, sha = self.server.repo, "c" * 40
+        files = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()) if repo else []
+        if repo is None and path.startswith("/api/repos/create"):
+            self.reply(403, {"error": "You don't have the rights to create a dataset here"})
+        elif repo is None:
+            self.reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+        elif path.startswith("/api/datasets/") and "/tree/" in path:
+            self.reply(200, [{"type": "file", "path": f, "size": (repo / f).stat().st_size, "oid": _sha(repo / f)}
+                             for f in files])  # fmt: skip
+        elif path.startswith("/api/datasets/"):
+            self.reply(200, {"id": "someone/data", "sha": sha, "siblings": [{"rfilename": f} for f in files]})
+        else:  # /datasets/<repo>/resolve/<sha>/<file>
+            data = (repo / path.split("/resolve/")[1].split("/", 1)[1]).read_bytes()
+            headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
+            self.reply(200, data, headers, send=self.command == "GET")
+
+    def reply(self, status: int, payload, headers: dict | None = None, send: bool = True) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        for name, value in {
+            "Content-Type": "application/json",
+            **(headers or {}),
+            "Content-Length": len(data),
+        }.items():
+            self.send_header(name, str(value))
+        self.end_headers()
+        if send:
+            self.wfile.write(data)
+
+    do_GET = do_POST = do_HEAD = answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """The tests run with HF_HUB_OFFLINE=1 (conftest); these talk to local endpoints only."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def hub_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    server.seen, server.repo = [], None
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_pull_and_push_use_the_hub_api_and_fail_clearly(online, hub_server, tmp_path, monkeypatch):
+    url = f"http://127.0.0.1:{hub_server.server_address[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    sync = HubSync("someone/prefloop-backup", tmp_path / "backup", "hf_secret", timeout_s=5)
+    assert sync.endpoint == url
+    assert sync.pull() == {"repo": "someone/prefloop-backup", "exists": False, "shards": 0}
+    with pytest.raises(HubSyncError, match=r"push of someone/prefloop-backup .* failed.*403"):
+        sync.push()
+    requests = [(method, path) for method, path, _, _ in hub_server.seen]
+    info = ("GET", "/api/datasets/someone/prefloop-backup")
+    assert requests == [info, info, ("POST", "/api/repos/create"), info]  # create_repo checks the repo after a 403
+    assert {auth for _, _, auth, _ in hub_server.seen} == {"Bearer hf_secret"}
+    create = json.loads(hub_server.seen[2][3])
+    assert create["type"] == "dataset" and create["visibility"] == "private" and create["name"] == "prefloop-backup"
+
+
+def test_an_unreachable_or_silent_hub_fails_fast(online, tmp_path):
+    for endpoint in (f"http://127.0.0.1:{closed_port()}", None):
+        with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+            endpoint = endpoint or f"http://127.0.0.1:{silent.getsockname()[1]}"
+            sync = HubSync("someone/data", tmp_path, "hf_x", endpoint=endpoint, timeout_s=1, deadline_s=20)
+            for call in (sync.pull, sync.push):
+                started = time.monotonic()
+                with pytest.raises(HubSyncError, match=f"at {endpoint} failed: .*(Connect|Timeout)"):
+                    call()
+                assert time.monotonic() - started < 10
+
+
+def test_offline_mode_deadline_and_token(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    sync = HubSync("someone/data", tmp_path, "hf_x", endpoint="http://127.0.0.1:9", deadline_s=0.3)
+    with pytest.raises(HubSyncError, match="HF_HUB_OFFLINE"):
+        sync.pull()
+    with pytest.raises(HubSyncError, match="no end within 0.3 s"):
+        sync._bounded("push", time.sleep, 1.5)
+    with pytest.raises(HubSyncError, match="still running"):
+        sync.pull()
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert HubSync.from_env("someone/data", tmp_path) is None
+    monkeypatch.setenv("HF_TOKEN", "hf_y")
+    assert HubSync.from_env("someone/data", tmp_path).token == "hf_y"
+    assert HubSync.from_env(None, tmp_path) is None
+
+
+def test_a_fresh_disk_pulls_the_repo_and_restores_it(online, hub_server, store, tmp_path):
+    folder = tmp_path / "backup"
+    fill(store, "a")
+    Backup(store, folder).flush()
+    fill(store, "b")
+    Backup(store, folder).flush()
+    before, shards = dump(store), len(list(folder.rglob("*.parquet")))
+    lose_disk(store)
+    hub_server.repo = tmp_path / "repo"  # what earlier pushes left on the Hub: the folder, plus an adapter
+    shutil.copytree(folder, hub_server.repo)
+    (hub_server.repo / "adapters" / "3").mkdir(parents=True)
+    (hub_server.repo / "adapters" / "3" / "adapter_config.json").write_text("{}")
+    shutil.rmtree(folder)
+
+    url = f"http://127.0.0.1:{hub_server.server_address[1]}"
+    sync = HubSync("someone/data", tmp_path / "pulled", "hf_x", endpoint=url, timeout_s=5, deadline_s=60)
+    assert sync.pull(prefixes=["adapters"]) == {"repo": "someone/data", "exists": True, "shards": shards}
+    assert not (tmp_path / "pulled" / "manifest.json").exists()  # the shards decide
+    assert (tmp_path / "pulled" / "adapters" / "3" / "adapter_config.json").read_text() == "{}"
+    again = Store(tmp_path / "new.duckdb")
+    restore(again, tmp_path / "pulled")
+    assert dump(again) == before
+    assert Backup(again, tmp_path / "pulled").flush()["flush"] is None
+    again.close()
