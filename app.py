@@ -62,7 +62,8 @@ def load_auth(path: str | None) -> list[tuple[str, str]] | None:
 
 
 def create_services(args: argparse.Namespace):
-    from generation.engine import GenerationEngine, SamplingParams
+    from generation.engine import GenerationEngine
+    from generation.sampling import SamplingParams
     from labeling.pair_queue import PairQueue
     from labeling.services import Services
     from storage.db import Store

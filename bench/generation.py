@@ -75,7 +75,8 @@ def main() -> None:
     args = parse_args()
     import torch
 
-    from generation.engine import GenerationEngine, SamplingParams
+    from generation.engine import GenerationEngine
+    from generation.sampling import SamplingParams
 
     engine = GenerationEngine(args.model, cache_dir=args.model_cache, max_batch=args.max_batch, threads=args.threads)
     torch.set_num_threads(engine.threads)  # the baseline runs in this thread: same threads on both sides

@@ -77,7 +77,8 @@ def main() -> None:
         fill(store, args.callers * args.rounds + 50)  # enough that nobody runs dry
         engine = None
         if args.with_refill:
-            from generation.engine import GenerationEngine, SamplingParams
+            from generation.engine import GenerationEngine
+            from generation.sampling import SamplingParams
 
             engine = GenerationEngine("bundled")
             queue = PairQueue(store, engine, target=10_000, params=SamplingParams(max_new_tokens=64))

@@ -20,10 +20,11 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from generation.engine import Generation, SamplingParams
+from generation.sampling import Generation, SamplingParams
 
 HTTP_TIMEOUT_SECONDS = 120.0  # one completion of a few hundred tokens on a busy server
 MAX_PARALLEL_REQUESTS = 8  # a batch becomes this many concurrent HTTP requests at most
+REPLY_EXCERPT_CHARS = 300  # how much of a bad reply an error message quotes
 
 Batch = list[tuple[list[dict], SamplingParams]]
 
@@ -50,8 +51,14 @@ class OpenAICompatibleBackend:
 
     def _one(self, messages: list[dict], params: SamplingParams) -> Generation:
         params = params.seeded()
-        body = {"model": self.model, "messages": messages, "temperature": params.temperature, "top_p": params.top_p,
-                "max_tokens": params.max_new_tokens, "seed": params.seed}  # fmt: skip
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_new_tokens,
+            "seed": params.seed,
+        }
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -61,7 +68,7 @@ class OpenAICompatibleBackend:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 reply = json.loads(response.read().decode("utf-8"))
         except urllib.error.HTTPError as exc:
-            detail = exc.read().decode("utf-8", "replace")[:300]
+            detail = exc.read().decode("utf-8", "replace")[:REPLY_EXCERPT_CHARS]
             raise BackendError(f"{self.url} answered HTTP {exc.code}: {detail}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             raise BackendError(f"cannot reach {self.url}: {getattr(exc, 'reason', exc)}") from None
@@ -71,14 +78,18 @@ class OpenAICompatibleBackend:
             choice = reply["choices"][0]
             text = choice["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
-            raise BackendError(f"{self.url} answered without choices[0].message.content: {str(reply)[:300]}") from None
+            excerpt = str(reply)[:REPLY_EXCERPT_CHARS]
+            raise BackendError(f"{self.url} answered without choices[0].message.content: {excerpt}") from None
         tokens = (reply.get("usage") or {}).get("completion_tokens")
         return Generation(
-            text=text, token_count=int(tokens) if tokens is not None else len(text.split()),
-            latency_ms=(time.perf_counter() - started) * 1000, params=params, version=None,
+            text=text,
+            token_count=int(tokens) if tokens is not None else len(text.split()),  # words when the server omits usage
+            latency_ms=(time.perf_counter() - started) * 1000,
+            params=params,
+            version=None,
             model_name=reply.get("model") or self.model,
             finish_reason="length" if choice.get("finish_reason") == "length" else "eos",
-        )  # fmt: skip
+        )
 
 
 class VLLMBackend:
@@ -121,6 +132,6 @@ class VLLMBackend:
                     version=None,
                     model_name=self.model,
                     finish_reason="length" if completion.finish_reason == "length" else "eos",
-                )  # fmt: skip
+                )
             )
         return results

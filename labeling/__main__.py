@@ -81,7 +81,8 @@ def generate(args: argparse.Namespace) -> dict:
 def run_generation(store, args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from generation.engine import GenerationEngine, SamplingParams
+    from generation.engine import GenerationEngine
+    from generation.sampling import SamplingParams
     from labeling.pair_queue import PairQueue
 
     try:

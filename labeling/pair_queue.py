@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from generation.engine import SEED_RANGE, Generation, SamplingParams
+from generation.sampling import SEED_RANGE, Generation, SamplingParams
 from labeling.pair_leases import AVAILABLE, LeaseDesk, utc_now
 from storage.db import annotator_name
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from generation.backends import BackendError, OpenAICompatibleBackend, VLLMBackend
-from generation.engine import SamplingParams
+from generation.sampling import SamplingParams
 
 
 def chat(text: str) -> list[dict]:

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from generation.engine import GenerationEngine, SamplingParams
+from generation.engine import GenerationEngine
+from generation.sampling import SamplingParams
 from labeling.pair_queue import PairQueue
 from storage.db import Store
 from tests.test_engine import make_adapter

@@ -93,7 +93,8 @@ def test_restart_marks_orphans_failed_and_keeps_the_queue(store, tmp_path, tiny_
 @pytest.mark.slow
 def test_dpo_on_the_bundled_model_end_to_end(store, tmp_path, bundled_model_dir):
     """~40 comparisons → a real DPO run through the runner → a version that changes what the engine says."""
-    from generation.engine import GenerationEngine, SamplingParams
+    from generation.engine import GenerationEngine
+    from generation.sampling import SamplingParams
 
     trained_on = seed_preferences(store, 40)
     runner = JobRunner(store, runs_dir=tmp_path / "runs", base_model="bundled", model_cache=bundled_model_dir.parent)
