@@ -9,7 +9,6 @@ so the same file runs as a Hugging Face Space.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -34,7 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=env("PREFLOOP_MODEL", "bundled"), help="bundled, a HF id or a folder")
     parser.add_argument("--model-cache", default=env("PREFLOOP_MODEL_CACHE", "data/models"))
     parser.add_argument("--runs-dir", default=env("PREFLOOP_RUNS", "data/runs"), help="training run folders")
-    parser.add_argument("--auth", default=env("PREFLOOP_AUTH"), help='users.json: {"name": "password", ...}')
+    parser.add_argument(
+        "--auth",
+        default=env("PREFLOOP_AUTH"),
+        help='users.json: {"alice": {"password": "<hash from python -m storage hash-password>", "role": "admin"}}',
+    )
     parser.add_argument("--guidelines", default=env("PREFLOOP_GUIDELINES", "docs/guidelines.md"))
     parser.add_argument("--queue-size", type=int, default=int(env("PREFLOOP_QUEUE_SIZE", "8")), help="ready pairs")
     parser.add_argument("--strategy", action="append", choices=["self", "versions"], help="pair strategies")
@@ -45,20 +48,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=int(env("PREFLOOP_ENGINE_THREADS", "0")) or None,
         help="torch threads for generation (default: half the cores, so a training child keeps the rest)",
     )
+    parser.add_argument(
+        "--max-file-size-mb", type=int, default=int(env("PREFLOOP_MAX_FILE_SIZE_MB", "50")), help="upload size cap"
+    )
+    parser.add_argument(
+        "--upload-max-rows", type=int, default=int(env("PREFLOOP_UPLOAD_MAX_ROWS", "200000")), help="rows per upload"
+    )
+    parser.add_argument(
+        "--queue-max", type=int, default=int(env("PREFLOOP_QUEUE_MAX", "256")), help="requests waiting in Gradio"
+    )
     parser.add_argument("--lease-minutes", type=float, default=float(env("PREFLOOP_LEASE_MINUTES", "10")))
     return parser.parse_args(argv)
 
 
-def load_auth(path: str | None) -> list[tuple[str, str]] | None:
-    if not path:
-        return None
-    try:
-        users = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        sys.exit(f"error: --auth {path}: {exc}")
-    if not isinstance(users, dict) or not users or not all(isinstance(v, str) for v in users.values()):
-        sys.exit(f'error: --auth {path} must hold a JSON object {{"name": "password", ...}}')
-    return list(users.items())
+def load_access(args: argparse.Namespace):
+    """Who may do what (labeling.access); a bad users file is one clear error at start."""
+    from labeling.access import AuthFileError, access_from_env, load_users
+
+    users = {}
+    if args.auth:
+        try:
+            users, warnings = load_users(args.auth)
+        except AuthFileError as exc:
+            sys.exit(f"error: {exc}")
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    return access_from_env(users, args.host)
+
+
+def launch_options(args: argparse.Namespace, access) -> dict:
+    """Keyword arguments of `launch()` every start shares (the app, tests, the Space)."""
+    from ui.assets import CSS, KEYBOARD_JS
+
+    return {
+        "server_name": args.host,
+        "server_port": args.port,
+        "auth": access.check_password if access.users else None,
+        "max_file_size": f"{args.max_file_size_mb}mb",
+        "head": KEYBOARD_JS,
+        "css": CSS,
+        "show_error": True,
+    }
 
 
 def create_services(args: argparse.Namespace):
@@ -80,7 +110,7 @@ def create_services(args: argparse.Namespace):
     )  # fmt: skip
     runner = JobRunner(store, runs_dir=args.runs_dir, base_model=args.model, model_cache=args.model_cache)
     guidelines = Path(args.guidelines).read_text(encoding="utf-8") if Path(args.guidelines).is_file() else ""
-    services = Services(store, engine, queue, runner, guidelines=guidelines, auth_enabled=bool(args.auth))
+    services = Services(store, engine, queue, runner, guidelines=guidelines)
     services.restore_active_version()
     queue.start()
     runner.start()
@@ -104,18 +134,16 @@ def _report_first_pair(services) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    auth = load_auth(args.auth)
-    from ui.app import CSS, KEYBOARD_JS, build_app
+    access = load_access(args)
+    from ui.app import build_app
 
     services = create_services(args)
     threading.Thread(target=_report_first_pair, args=(services,), daemon=True).start()
-    demo = build_app(services)
+    demo = build_app(services, access, upload_max_rows=args.upload_max_rows)
     print(
         f"prefloop: UI built {time.monotonic() - STARTED:.1f} s after start; serving on http://{args.host}:{args.port}"
     )
-    demo.queue(default_concurrency_limit=8).launch(
-        server_name=args.host, server_port=args.port, auth=auth, head=KEYBOARD_JS, css=CSS, show_error=True
-    )
+    demo.queue(default_concurrency_limit=8, max_size=args.queue_max).launch(**launch_options(args, access))
 
 
 if __name__ == "__main__":

@@ -42,3 +42,8 @@ class PairStream:
         self.result = generations
         if (generations[0].text, generations[1].text) != tuple(texts):
             yield generations[0].text, generations[1].text
+
+    def cancel(self) -> None:
+        """Give up on both sides: the engine frees their rows at its next step (the reader went away)."""
+        for future in self._futures:
+            future.cancel()

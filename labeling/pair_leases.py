@@ -118,6 +118,7 @@ class LeaseDesk:
             f"""SELECT n.name, p.id, p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ? AS mine
                 FROM pairs p, (SELECT unnest(?::VARCHAR[]) AS name) n
                 WHERE (p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ?) OR ({AVAILABLE}
+                  AND (p.strategy <> 'own' OR p.leased_to = n.name)
                   AND NOT EXISTS (SELECT 1 FROM comparisons c WHERE c.pair_id = p.id AND c.annotator = n.name
                   AND c.choice <> 'undone' AND NOT EXISTS (SELECT 1 FROM comparisons s WHERE s.supersedes = c.id)))
                 ORDER BY mine DESC, p.id""",
@@ -136,7 +137,7 @@ class LeaseDesk:
         """Check each vote against its pair and insert the accepted comparisons (one INSERT). Returns the results
         (comparison id or the error) and the pair changes {id: (status, leased_to, lease_expires)}."""
         pairs = {row[0]: row[1:] for row in cur.execute(
-            "SELECT id, status, leased_to, lease_expires, prompt_id, generation_a, generation_b FROM pairs "
+            "SELECT id, status, leased_to, lease_expires, prompt_id, generation_a, generation_b, strategy FROM pairs "
             "WHERE list_contains(?, id)", [[v.pair_id for v in votes]]).fetchall()}  # fmt: skip
         changes, accepted, results = {}, [], []
         for vote in votes:
@@ -145,14 +146,18 @@ class LeaseDesk:
             results.append(problem)
             if problem is None:
                 accepted.append(vote)
-                changes[vote.pair_id] = (
-                    ("ready", None, None) if vote.choice == "skip" else ("done", vote.annotator, None)
-                )
+                back_to_others = (
+                    vote.choice == "skip" and pairs[vote.pair_id][6] != "own"
+                )  # a skipped own pair ends: it is theirs
+                changes[vote.pair_id] = ("ready", None, None) if back_to_others else ("done", vote.annotator, None)
         if not accepted:
             return results, changes
         new_names = list({v.annotator for v in accepted} - self._known_annotators)
-        rows = [[v.pair_id, *pairs[v.pair_id][3:], v.annotator, v.choice, v.rationale, v.edited_answer, v.time_spent_s,
-                 "ui", None, None] for v in accepted]  # fmt: skip
+        rows = [
+            [v.pair_id, *pairs[v.pair_id][3:6], v.annotator, v.choice, v.rationale, v.edited_answer, v.time_spent_s]
+            + ["ui", None, None]  # source, supersedes, dedupe_key
+            for v in accepted
+        ]
         new_ids = iter(insert_comparisons(cur, rows, annotators=new_names))  # in the order of `accepted`
         self._known_annotators.update(new_names)
         return [r if r is not None else next(new_ids) for r in results], changes

@@ -284,6 +284,15 @@ class PairQueue:
         self.wake()
         return comparison_id
 
+    def lease_holder(self, pair_id: int) -> str | None:
+        """Who holds an unexpired lease on this pair (None: nobody, or no such pair)."""
+        with self.store.read() as cur:
+            row = cur.execute(
+                "SELECT leased_to FROM pairs WHERE id = ? AND status = 'leased' AND lease_expires > ?",
+                [int(pair_id), self._now()],
+            ).fetchone()
+        return row[0] if row else None
+
     def pair_view(self, pair_id: int) -> dict:
         return self._desk.views([pair_id])[pair_id]
 

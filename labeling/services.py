@@ -29,8 +29,9 @@ class Services:
     queue: object
     runner: object
     guidelines: str = ""
-    auth_enabled: bool = False
     _activate_lock: threading.Lock = field(default_factory=threading.Lock)
+    _streaming: set[str] = field(default_factory=set)  # annotators with an own-prompt stream running
+    _streaming_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ---- annotators and votes ---------------------------------------------------------------------------
     def annotator_name(self, name: str | None) -> str:
@@ -65,6 +66,19 @@ class Services:
         except ValueError as exc:
             raise UserError(str(exc)) from None
 
+    def pair_answer(self, pair_id, side: str, annotator: str) -> str:
+        """The raw text of one side of a pair, for the person who holds its lease (nobody else may look it up)."""
+        annotator = self.annotator_name(annotator)
+        if side not in ("answer_a", "answer_b"):
+            raise UserError(f"Unknown side {side!r}.")
+        try:
+            pair_id = int(pair_id)
+        except (TypeError, ValueError):
+            raise UserError("No pair on screen.") from None
+        if self.queue.lease_holder(pair_id) != annotator:
+            raise UserError(f"Pair {pair_id} is not leased to you.")
+        return self.queue.pair_view(pair_id)[side]
+
     def undo(self, annotator: str) -> int | None:
         return self.queue.undo_last(self.annotator_name(annotator))
 
@@ -90,8 +104,18 @@ class Services:
             raise UserError(str(exc)) from None
 
     def stream_own(self, annotator: str, messages: list[dict]) -> OwnPairStream:
-        """Both sides answer a typed prompt live; once done, the pair is stored and leased to this person."""
+        """Both sides answer a typed prompt live; once done, the pair is stored and leased to this person.
+        One stream per person at a time; use it as a context manager so leaving early cancels the engine rows."""
+        annotator = self.annotator_name(annotator)
+        with self._streaming_lock:
+            if annotator in self._streaming:
+                raise UserError("Your own prompt is still being answered: wait for it (one at a time).")
+            self._streaming.add(annotator)
         return OwnPairStream(self, annotator, messages)
+
+    def _stream_done(self, annotator: str) -> None:
+        with self._streaming_lock:
+            self._streaming.discard(annotator)
 
     def reward_scores(self, comparison_ids: list[int]) -> dict[int, tuple[float | None, float | None]]:
         """Reward-model scores of both answers of each comparison (empty until a reward model was trained)."""
@@ -123,17 +147,28 @@ class Services:
 
 
 class OwnPairStream:
-    """Iterate for cumulative (text A, text B); afterwards `.pair` is the stored, leased pair (queue format)."""
+    """Iterate for cumulative (text A, text B); afterwards `.pair` is the stored, leased pair (queue format).
+
+    Leaving the `with` block before the end (the browser went away) cancels both rows in the engine."""
 
     def __init__(self, services: Services, annotator: str, messages: list[dict]):
         self.services, self.annotator, self.messages = services, annotator, messages
         self.pair: dict | None = None
+        self._stream = None
+
+    def __enter__(self) -> OwnPairStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stream is not None and self.pair is None:
+            self._stream.cancel()
+        self.services._stream_done(self.annotator)
 
     def __iter__(self):
         queue = self.services.queue
         version = self.services.engine.active_version
         params_a, params_b = queue.pair_params()
-        stream = self.services.engine.stream_pair(self.messages, params_a, params_b, version, version)
-        yield from stream
-        gen_a, gen_b = stream.result
+        self._stream = self.services.engine.stream_pair(self.messages, params_a, params_b, version, version)
+        yield from self._stream
+        gen_a, gen_b = self._stream.result
         self.pair = queue.add_own_pair(self.annotator, self.messages, gen_a, gen_b)

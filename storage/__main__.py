@@ -1,4 +1,4 @@
-"""`python -m storage import|export|stats|leaderboard`: the store from the command line.
+"""`python -m storage import|export|stats|leaderboard|hash-password`: the store from the command line.
 
 Success prints one JSON line and exits 0; any failure prints one `error: ...` line on stderr and exits 1.
 """
@@ -47,7 +47,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     board.add_argument("--db", default=default_db_path(), help=db_help + "; opened read-only")
     board.add_argument("--bootstrap", type=int, default=200, help="resamples for the CIs (0: none; default 200)")
     board.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
+    hasher = commands.add_parser("hash-password", help="print a password hash for the --auth users file")
+    hasher.add_argument("--password", help="the password (default: read one line from standard input)")
     return parser.parse_args(argv)
+
+
+def read_password(args: argparse.Namespace) -> str:
+    if args.password is not None:
+        return args.password
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("password: ")
+    return sys.stdin.readline().rstrip("\n")
 
 
 def open_store(db: str):
@@ -71,6 +84,10 @@ def run(args: argparse.Namespace) -> dict | list:
         raise ValueError(f"--out {args.out} must end in {' or '.join(EXTENSIONS)}")
     if args.command == "import" and not Path(args.path).is_file():
         raise ValueError(f"{args.path}: no such file")  # before the database file is created or opened
+    if args.command == "hash-password":  # prints a JSON string: paste it as the user's "password"
+        from storage.passwords import hash_password
+
+        return hash_password(read_password(args))
     if args.command == "leaderboard":  # read-only: never creates or migrates the file
         from storage.ratings import leaderboard_from_file
 

@@ -25,8 +25,10 @@ SUFFIXES = (".txt", ".csv", ".json", ".jsonl", ".parquet")
 
 
 # ---- the entry point ----------------------------------------------------------------------------------------
-def import_file(store, path: str | Path, fmt: str = "auto") -> dict:
+def import_file(store, path: str | Path, fmt: str = "auto", max_rows: int | None = None) -> dict:
     """Import one file; returns {"format", "prompts", "comparisons"} (rows newly written or already there).
+
+    `max_rows` caps the rows of one file (browser uploads); the operator's `python -m storage import` has no cap.
 
     Raises ImportFailed (one line naming the file, the line or row, and the problem) with nothing written.
     """
@@ -36,6 +38,10 @@ def import_file(store, path: str | Path, fmt: str = "auto") -> dict:
     records = read_records(path, as_lines=fmt == "txt")
     if not records:
         raise ImportFailed(path, "no rows to import")
+    if max_rows is not None and len(records) > max_rows:
+        raise ImportFailed(
+            path, f"{len(records):,} rows; an upload holds at most {max_rows:,} (use python -m storage import)"
+        )
     for where, record in records:
         _check_sizes(path, where, record)
     if fmt == "auto":

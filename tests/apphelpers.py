@@ -19,7 +19,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_app(tmp_path: Path, model_dir: Path, *extra: str, queue_size: int = 8, wait_pairs: int = 1):
     """Yields (url, services) with a filled pair queue; closes everything afterwards."""
-    from ui.app import CSS, KEYBOARD_JS, build_app
+    from ui.app import build_app
 
     port = free_port()
     args = prefloop_app.parse_args(
@@ -29,15 +29,15 @@ def running_app(tmp_path: Path, model_dir: Path, *extra: str, queue_size: int = 
             "--lease-minutes", "10", *extra,
         ]
     )  # fmt: skip
+    access = prefloop_app.load_access(args)
     services = prefloop_app.create_services(args)
-    demo = build_app(services)
-    auth = prefloop_app.load_auth(args.auth)
+    demo = build_app(services, access, upload_max_rows=args.upload_max_rows)
+    options = {**prefloop_app.launch_options(args, access), "server_name": "127.0.0.1"}
     try:
         wait_for(lambda: services.queue.depth() >= wait_pairs, 120, "the pair queue to fill")
-        demo.queue(default_concurrency_limit=8).launch(
-            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, auth=auth,
-            head=KEYBOARD_JS, css=CSS,
-        )  # fmt: skip
+        demo.queue(default_concurrency_limit=8, max_size=args.queue_max).launch(
+            prevent_thread_lock=True, quiet=True, **options
+        )
         yield f"http://127.0.0.1:{port}/", services
     finally:
         demo.close()

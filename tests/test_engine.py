@@ -183,3 +183,19 @@ def test_openai_compatible_backend_over_real_http():
 def test_vllm_backend_says_it_is_not_installed():
     with pytest.raises(BackendError, match="pip install vllm"):
         VLLMBackend("any-model")
+
+
+def test_a_cancelled_pair_stream_frees_its_engine_rows(engine):
+    """An own-prompt stream whose browser went away stops decoding: both futures end cancelled, the engine idles."""
+    import time
+
+    params = SamplingParams(max_new_tokens=400, temperature=1.0, seed=3)
+    stream = engine.stream_pair([{"role": "user", "content": "Tell me a long story."}], params, params)
+    first = next(iter(stream))
+    assert isinstance(first, tuple)
+    stream.cancel()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(f.done() for f in stream._futures):
+        time.sleep(0.05)
+    assert all(f.cancelled() for f in stream._futures)
+    assert engine.submit([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4, seed=1)).result(60)

@@ -1,4 +1,8 @@
-"""The Data tab: stats, the last 50 comparisons, import with the CLI's importer, export downloads."""
+"""The Data tab: stats, recent comparisons, import with the CLI's importer, export downloads.
+
+Reading counts needs the `read` role; the recent comparisons show everyone's rationales and edits only to
+admins (others see their own); import and export are admin actions, checked in the handler.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from labeling.access import Access, AccessDenied
 from labeling.services import Services
 from storage.errors import ImportFailed
 from storage.exporters import export
@@ -16,9 +21,11 @@ from storage.importers import import_file
 EXPORT_FORMATS = ["dpo", "reward", "kto", "sft", "raw"]
 IMPORT_FORMATS = ["auto", "txt", "csv", "prompts", "trl", "hh", "ultrafeedback", "arena", "shp"]
 RECENT_COLUMNS = ["id", "created_at", "annotator", "choice", "prompt", "answer_a", "answer_b", "rationale", "edited"]
+PRIVATE_COLUMNS = ("rationale", "edited", "edited_answer")  # another person's words: admins only
 
 
-def build_data_tab(services: Services, demo: gr.Blocks) -> None:
+def build_data_tab(services: Services, access: Access, demo: gr.Blocks, upload_max_rows: int) -> None:
+    handlers = DataHandlers(services, access, upload_max_rows)
     refresh = gr.Button("Refresh", size="sm")
     with gr.Row():
         per_choice = gr.Dataframe(label="Per choice", interactive=False)
@@ -26,12 +33,11 @@ def build_data_tab(services: Services, demo: gr.Blocks) -> None:
         per_version = gr.Dataframe(label="Per model version", interactive=False)
     totals = gr.Markdown("")
     recent = gr.Dataframe(label="Last 50 comparisons", interactive=False, wrap=True, max_height=500)
-    with gr.Row():
+    with gr.Row(visible=False) as admin_row:  # shown on load to admins; the handlers check the caller anyway
         with gr.Column():
             gr.Markdown("### Import")
-            upload = gr.File(
-                label="Prompt list or preference dataset (.txt .csv .json .jsonl .parquet)", elem_id="import-file"
-            )
+            upload = gr.File(label="Prompt list or preference dataset (.txt .csv .json .jsonl .parquet)",
+                             elem_id="import-file")  # fmt: skip
             import_format = gr.Dropdown(IMPORT_FORMATS, value="auto", label="Format")
             import_btn = gr.Button("Import", elem_id="import-btn")
             import_msg = gr.Markdown("")
@@ -43,62 +49,90 @@ def build_data_tab(services: Services, demo: gr.Blocks) -> None:
             download = gr.File(label="Download", interactive=False)
             export_msg = gr.Markdown("")
 
-    def load_stats():
-        stats = services.store.stats()
+    stats_out, private = [per_choice, per_annotator, per_version, totals, recent], {"api_visibility": "private"}
+    refresh.click(handlers.stats, None, stats_out, **private)
+    import_btn.click(handlers.do_import, [upload, import_format], [import_msg, *stats_out], **private).then(
+        lambda: None, None, [upload], **private
+    )  # the box is emptied for the next file; the message says what happened to this one
+    export_btn.click(handlers.do_export, [export_format, export_ext], [download, export_msg], **private)
+    demo.load(handlers.stats, None, stats_out, **private)
+    demo.load(handlers.admin_visible, None, [admin_row], **private)
+    gr.Timer(10.0).tick(handlers.stats, None, stats_out, **private)  # stats stay fresh while open
+
+
+class DataHandlers:
+    def __init__(self, services: Services, access: Access, upload_max_rows: int):
+        self.services, self.access, self.upload_max_rows = services, access, upload_max_rows
+
+    def admin_visible(self, request: gr.Request):
+        return gr.update(visible=self.access.caller(request).may("import"))
+
+    def stats(self, request: gr.Request):
+        try:
+            who = self.access.require(request, "read")
+        except AccessDenied:
+            return None, None, None, "", None
+        stats = self.services.store.stats()
         return (
             _table(stats.get("per_choice", {}), "choice"),
             _table(stats.get("per_annotator", {}), "annotator"),
             _table(stats.get("per_model_version", {}), "version"),
             f"**{stats.get('prompts', 0)}** prompts · **{stats.get('generations', 0)}** generations · "
             f"**{stats.get('comparisons', 0)}** comparisons",
-            _recent(services),
+            self.recent(None if who.may("see_all") else (who.name or "")),
         )
 
-    def do_import(file, fmt: str):
+    def recent(self, only_own_of: str | None) -> pd.DataFrame:
+        """The last 50 comparisons; for non-admins their rationale/edit columns are blank except on their own."""
+        rows = self.services.store.recent_comparisons(50)
+        frame = pd.DataFrame(rows)
+        if frame.empty:
+            return pd.DataFrame(columns=RECENT_COLUMNS)
+        if only_own_of is not None:
+            others = frame["annotator"] != only_own_of if only_own_of else frame.index >= 0
+            for column in PRIVATE_COLUMNS:
+                if column in frame:
+                    frame.loc[others, column] = None
+        scores = self.services.reward_scores([r.get("id") for r in rows])
+        if scores:
+            frame["reward_a"] = [scores.get(r.get("id"), (None, None))[0] for r in rows]
+            frame["reward_b"] = [scores.get(r.get("id"), (None, None))[1] for r in rows]
+        return frame
+
+    def do_import(self, file, fmt: str, request: gr.Request):
+        try:
+            self.access.require(request, "import")
+        except AccessDenied as exc:
+            return f"⚠️ {exc}", *([gr.skip()] * 5)
         if file is None:
-            return "⚠️ Choose a file first.", *load_stats()
+            return "⚠️ Choose a file first.", *self.stats(request)
         path = file if isinstance(file, str) else getattr(file, "name", str(file))
         try:
-            summary = import_file(services.store, path, fmt=fmt)
+            summary = import_file(self.services.store, path, fmt=fmt, max_rows=self.upload_max_rows)
         except ImportFailed as exc:
-            return f"⚠️ Import failed, nothing was written: {exc}", *load_stats()
-        services.queue.wake()
-        return (
-            f"✓ Imported {summary['prompts']} prompts and {summary['comparisons']} comparisons ({summary['format']}).",
-            *load_stats(),
+            return f"⚠️ Import failed, nothing was written: {exc}", *self.stats(request)
+        self.services.queue.wake()
+        done = (
+            f"✓ Imported {summary['prompts']} prompts and {summary['comparisons']} comparisons ({summary['format']})."
         )
+        return done, *self.stats(request)
 
-    def do_export(fmt: str, ext: str):
+    def do_export(self, fmt: str, ext: str, request: gr.Request):
+        try:
+            self.access.require(request, "export")
+        except AccessDenied as exc:
+            return None, f"⚠️ {exc}"
+        if fmt not in EXPORT_FORMATS or ext not in (".jsonl", ".parquet"):
+            return None, "⚠️ Unknown export format."
         out = Path(tempfile.mkdtemp(prefix="prefloop-export-")) / f"prefloop-{fmt}{ext}"
         try:
-            rows = export(services.store, fmt, out)
+            rows = export(self.services.store, fmt, out)
         except ValueError as exc:
             return None, f"⚠️ Export failed: {exc}"
         if rows == 0:
             return None, f"Nothing to export as {fmt} yet: it needs judged pairs (A/B votes or edited answers)."
         return str(out), f"✓ {rows} rows in {out.name}."
 
-    stats_out = [per_choice, per_annotator, per_version, totals, recent]
-    refresh.click(load_stats, None, stats_out, api_visibility="private")
-    import_btn.click(do_import, [upload, import_format], [import_msg, *stats_out], api_visibility="private").then(
-        lambda: None, None, [upload], api_visibility="private"
-    )  # the box is emptied for the next file; the message says what happened to this one
-    export_btn.click(do_export, [export_format, export_ext], [download, export_msg], api_visibility="private")
-    demo.load(load_stats, None, stats_out, api_visibility="private")
-    gr.Timer(10.0).tick(load_stats, None, stats_out, api_visibility="private")  # stats stay fresh while open
-
 
 def _table(counts: dict, key: str) -> pd.DataFrame:
     return pd.DataFrame([{key: str(k), "count": v} for k, v in counts.items()], columns=[key, "count"])
-
-
-def _recent(services: Services) -> pd.DataFrame:
-    rows = services.store.recent_comparisons(50)
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return pd.DataFrame(columns=RECENT_COLUMNS)
-    scores = services.reward_scores([r.get("id") for r in rows])
-    if scores:
-        frame["reward_a"] = [scores.get(r.get("id"), (None, None))[0] for r in rows]
-        frame["reward_b"] = [scores.get(r.get("id"), (None, None))[1] for r in rows]
-    return frame

@@ -1,32 +1,56 @@
-"""How data becomes page text: prompts, answers and rationales are shown as text, never as markup."""
+"""How data becomes page text: prompts, answers and rationales render as sanitised Markdown, never as markup.
+
+Everything shown comes from people and imported datasets, so it is untrusted. markdown-it renders it with raw
+HTML turned off (tags show as text, inside and outside code fences), links only for http(s)/mailto, and images
+replaced by their alt text and address: no remote image loads, so no tracking pixel fires on a labeler's screen.
+"""
 
 from __future__ import annotations
 
 import html
 import json
 
+from markdown_it import MarkdownIt
+
+SAFE_SCHEMES = ("http://", "https://", "mailto:")
+
+
+def _markdown() -> MarkdownIt:
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+    md.enable("table").enable("strikethrough")
+    md.validateLink = lambda url: url.strip().lower().startswith(SAFE_SCHEMES)
+    md.add_render_rule("image", _image_as_text)
+    md.add_render_rule("link_open", _link_open)
+    return md
+
+
+def _link_open(self, tokens, idx, options, env) -> str:
+    tokens[idx].attrSet("rel", "nofollow noopener noreferrer")
+    tokens[idx].attrSet("target", "_blank")
+    return self.renderToken(tokens, idx, options, env)
+
+
+def _image_as_text(self, tokens, idx, options, env) -> str:
+    token = tokens[idx]
+    alt = html.escape("".join(child.content for child in token.children or []))
+    src = html.escape(token.attrGet("src") or "")
+    return f'<span class="blocked-image">[image: {alt or "no description"} · {src} · not loaded]</span>'
+
+
+_MD = _markdown()
+
+
+def render_text(text: str | None) -> str:
+    """One answer, prompt or rationale as safe HTML."""
+    return _MD.render(text or "")
+
 
 def render_messages(messages: list[dict] | str) -> str:
-    """A prompt (or chat history) as markdown; roles in bold, raw HTML escaped so data never becomes markup."""
+    """A prompt (or chat history) as safe HTML; each message headed by its role."""
     if isinstance(messages, str):
         messages = json.loads(messages)
     parts = []
     for message in messages:
-        role = message.get("role", "user")
-        if role == "system":
-            parts.append(f"*system:* {escape_html(message['content'])}")
-        else:
-            parts.append(f"**{role}:** {escape_html(message['content'])}")
-    return "\n\n".join(parts)
-
-
-def escape_html(text: str) -> str:
-    """Escape angle brackets outside code fences; markdown code blocks stay readable as written."""
-    out, fenced = [], False
-    for line in (text or "").split("\n"):
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-            out.append(line)
-        else:
-            out.append(line if fenced else html.escape(line, quote=False))
-    return "\n".join(out)
+        role = html.escape(str(message.get("role", "user")))
+        parts.append(f'<div class="msg msg-{role}"><b>{role}:</b>{render_text(message.get("content", ""))}</div>')
+    return "\n".join(parts)

@@ -1,47 +1,92 @@
-"""The Train tab: pick a method, check the data, start one click, watch it live, activate the result."""
+"""The Train tab: pick a method, check the data, start with one click, watch it live, activate the result.
+
+Every handler here is an admin action or reveals runs, so each checks the caller first (`train` / `serve`).
+"""
 
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 
 import gradio as gr
 import pandas as pd
 
+from labeling.access import Access, AccessDenied
 from labeling.services import Services, UserError
 from training.runner import RunRejected
+from ui.train_settings import FIELDS, METHODS, parse_settings, submit
 
-METHODS = {"DPO": "dpo", "Reward model": "reward", "PPO": "ppo", "Reward model → PPO": "chain"}
 ENDED = ("succeeded", "failed", "cancelled")
+BASIC = ("max_steps", "learning_rate", "beta")
+ADVANCED_ROWS = (("epochs", "batch_size", "max_length", "seed"), ("lora_r", "lora_alpha", "lora_dropout"),
+                 ("total_episodes", "response_length", "kl_coef"))  # fmt: skip
 
 
-def build_train_tab(services: Services, demo: gr.Blocks) -> None:
+@dataclass
+class Overview:
+    usable: gr.Markdown
+    parent: gr.Dropdown
+    reward_model: gr.Dropdown
+    run_pick: gr.Dropdown
+    versions: gr.Dataframe
+    version_pick: gr.Dropdown
+    newest_seen: gr.State
+
+    def outputs(self) -> list:
+        return [self.usable, self.parent, self.reward_model, self.run_pick, self.versions, self.version_pick,
+                self.newest_seen]  # fmt: skip
+
+
+def build_train_tab(services: Services, access: Access, demo: gr.Blocks) -> None:
+    handlers = TrainHandlers(services, access)
     usable = gr.Markdown("")
     with gr.Row():
         method = gr.Radio(list(METHODS), value="DPO", label="Method", elem_id="train-method")
         parent = gr.Dropdown(label="Train on top of version (empty: the serving one)", choices=[], value=None)
-    with gr.Row():
-        max_steps = _field("Max steps (empty: epochs decide)")
-        learning_rate = _field("Learning rate (empty: default)")
-        beta = _field("DPO beta (empty: default)")
-    with gr.Accordion("Advanced", open=False):
-        with gr.Row():
-            epochs = _field("Epochs")
-            batch_size = _field("Batch size")
-            max_length = _field("Max length (tokens)")
-            seed = _field("Seed")
-        with gr.Row():
-            lora_r = _field("LoRA r")
-            lora_alpha = _field("LoRA alpha")
-            lora_dropout = _field("LoRA dropout")
-        with gr.Row():
-            total_episodes = _field("PPO episodes")
-            response_length = _field("PPO response length")
-            kl_coef = _field("PPO KL coefficient")
-            reward_model = gr.Dropdown(label="Reward model for PPO", choices=[], value=None)
+    fields, reward_model = _settings_form()
     start = gr.Button("Start training", variant="primary", elem_id="train-start")
     message = gr.Markdown("")
     gr.Markdown("### Runs")
-    run_pick = gr.Dropdown(label="Run", choices=[], value=None, elem_id="run-pick")
+    run_pick = gr.Dropdown(label="Run", choices=[], value=None, elem_id="run-pick", allow_custom_value=True)
+    watch_out = _run_view()
+    gr.Markdown("### Model versions")
+    versions = gr.Dataframe(label="Versions", interactive=False)
+    with gr.Row():
+        version_pick = gr.Dropdown(label="Version", choices=[], value=None, allow_custom_value=True)
+        version_btn = gr.Button("Serve this version", elem_id="version-activate")
+    over = Overview(usable, parent, reward_model, run_pick, versions, version_pick, gr.State(None))
+
+    handlers.form = {"method": method, "parent": parent, **fields, "reward_model": reward_model}
+    private, over_out = {"api_visibility": "private"}, over.outputs()
+    start.click(handlers.launch, set(handlers.form.values()), [message, *over_out], **private)
+    gr.Timer(1.0).tick(handlers.watch, [run_pick], watch_out, **private)  # live view of the picked run
+    gr.Timer(5.0).tick(handlers.overview, [run_pick, over.newest_seen], over_out, **private)
+    run_pick.change(handlers.watch, [run_pick], watch_out, **private)
+    watch_out[6].click(handlers.cancel, [run_pick], [message], **private)
+    watch_out[7].click(handlers.activate_run, [run_pick], [message, *over_out], **private)
+    version_btn.click(handlers.serve_version, [version_pick, run_pick], [message, *over_out], **private)
+    demo.load(handlers.overview, None, over_out, **private)
+
+
+def _settings_form() -> tuple[dict[str, gr.Textbox], gr.Dropdown]:
+    with gr.Row():
+        fields = {name: _field(name) for name in BASIC}
+    with gr.Accordion("Advanced", open=False):
+        for row in ADVANCED_ROWS:
+            with gr.Row():
+                fields.update({name: _field(name) for name in row})
+                if "kl_coef" in row:
+                    reward_model = gr.Dropdown(label="Reward model for PPO", choices=[], value=None)
+    return fields, reward_model
+
+
+def _field(name: str) -> gr.Textbox:
+    """An optional setting: empty keeps the method's default (the placeholder says so)."""
+    return gr.Textbox(label=FIELDS[name][0], placeholder="default", max_lines=1)
+
+
+def _run_view() -> list:
+    """Progress bar, plots, buttons, metrics, before/after and log of the picked run (TrainHandlers.watch order)."""
     progress = gr.HTML("")
     with gr.Row():
         loss_plot = gr.LinePlot(x="step", y="value", color="metric", label="Loss", height=250)
@@ -52,60 +97,56 @@ def build_train_tab(services: Services, demo: gr.Blocks) -> None:
     metrics = gr.JSON(label="Final metrics")
     before_after = gr.Dataframe(label="Before / after on held-out prompts", wrap=True, interactive=False)
     log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=12, autoscroll=True)
-    gr.Markdown("### Model versions")
-    versions = gr.Dataframe(label="Versions", interactive=False)
-    with gr.Row():
-        version_pick = gr.Dropdown(label="Version", choices=[], value=None)
-        version_btn = gr.Button("Serve this version", elem_id="version-activate")
+    return [progress, loss_plot, acc_plot, metrics, before_after, log, cancel, activate]
 
-    settings_in = [max_steps, learning_rate, beta, epochs, batch_size, max_length, seed, lora_r, lora_alpha,
-                   lora_dropout, total_episodes, response_length, kl_coef, reward_model]  # fmt: skip
-    names = ["max_steps", "learning_rate", "beta", "epochs", "batch_size", "max_length", "seed", "lora_r",
-             "lora_alpha", "lora_dropout", "total_episodes", "response_length", "kl_coef", "reward_model"]  # fmt: skip
 
-    def overview(picked=None, newest_seen=None):
+class TrainHandlers:
+    def __init__(self, services: Services, access: Access):
+        self.services, self.access = services, access
+        self.form: dict[str, gr.components.Component] = {}  # the Train form's inputs by setting name
+
+    def overview(self, picked=None, newest_seen=None, request: gr.Request = None):
         """Counts, versions and runs; the run picker follows the newest run unless you picked an older one."""
-        pairs = services.runner.usable_pairs()
-        policies = services.store.list_versions("policy")
-        rewards = services.store.list_versions("reward")
+        if not self.access.caller(request).may("train"):
+            return ["Training is for admins."] + [gr.skip()] * 6
+        services = self.services
         active = services.engine.active_version
+        policies, rewards = services.store.list_versions("policy"), services.store.list_versions("reward")
         choices = [(f"v{v['id']}" + (" (serving)" if v["id"] == active else ""), v["id"]) for v in policies]
         reward_choices = [(f"reward model {v['id']} (acc {_acc(v)})", v["adapter_path"]) for v in rewards]
-        runs = services.runner.runs()
-        run_choices = [(f"#{r['id']} {r['method']} — {r['status']}", r["id"]) for r in runs]
-        table = pd.DataFrame(
-            [{"version": v["id"], "kind": v.get("kind"), "parent": v.get("parent_id"), "run": v.get("run_id"),
-              "serving": v["id"] == active, "notes": v.get("notes"), "created": str(v.get("created_at"))}
-             for v in policies + rewards]
-        )  # fmt: skip
+        run_choices = [(f"#{r['id']} {r['method']} — {r['status']}", r["id"]) for r in services.runner.runs()]
         newest = run_choices[0][1] if run_choices else None
         follow = picked is None or (newest_seen is not None and newest != newest_seen)
         return (
-            f"**{pairs}** usable preference pairs (A/B votes and edited answers) · serving **v{active}**",
+            f"**{services.runner.usable_pairs()}** usable preference pairs (A/B votes and edited answers) · "
+            f"serving **v{active}**",
             gr.update(choices=choices),
             gr.update(choices=reward_choices, value=reward_choices[-1][1] if reward_choices else None),
             gr.update(choices=run_choices, value=newest if follow else picked),
-            table,
+            _versions_table(policies + rewards, active),
             gr.update(choices=choices),
             newest,
         )
 
-    def launch(kind: str, parent_id, *values):
-        """Validate and queue a run from the form; empty fields keep the method's defaults."""
-        parent_id = services.engine.active_version if parent_id in (None, "") else int(parent_id)
+    def launch(self, values: dict, request: gr.Request):
+        """Validate and queue a run from the form (a dict by component); empty fields keep the method's defaults."""
         try:
-            settings = _parse_settings(names, values)
-            run_id = _submit(services, METHODS[kind], settings, parent_id)
-        except (RunRejected, UserError) as exc:
-            return f"⚠️ Not started: {exc}", *overview()
-        return f"✓ Run #{run_id} started.", *overview()
+            self.access.require(request, "train")
+            form = {name: values.get(component) for name, component in self.form.items()}
+            kind, parent_id = form.pop("method"), form.pop("parent")
+            parent_id = self.services.engine.active_version if parent_id in (None, "") else int(parent_id)
+            run_id = submit(self.services.runner, METHODS[kind], parse_settings(form), parent_id)
+        except (RunRejected, UserError, AccessDenied, KeyError, ValueError) as exc:
+            return f"⚠️ Not started: {exc}", *self.overview(request=request)
+        return f"✓ Run #{run_id} started.", *self.overview(request=request)
 
-    def watch(run_id):
-        if run_id is None:
-            return "", None, None, None, None, "", gr.update(visible=False), gr.update(visible=False)
-        status = services.runner.status(int(run_id))
+    def watch(self, run_id, request: gr.Request):
+        hidden = ("", None, None, None, None, "", gr.update(visible=False), gr.update(visible=False))
+        if run_id is None or not self.access.caller(request).may("train"):
+            return hidden
+        status = self.services.runner.status(int(run_id))
         if status is None:
-            return "", None, None, None, None, "", gr.update(visible=False), gr.update(visible=False)
+            return hidden
         ended = status.status in ENDED
         can_activate = status.status == "succeeded" and status.method in ("dpo", "ppo")
         return (
@@ -119,90 +160,41 @@ def build_train_tab(services: Services, demo: gr.Blocks) -> None:
             gr.update(visible=can_activate),
         )
 
-    def do_cancel(run_id):
-        if run_id is None:
-            return "No run selected."
+    def cancel(self, run_id, request: gr.Request) -> str:
         try:
-            return f"Run #{run_id}: {services.runner.cancel(int(run_id))}."
-        except RunRejected as exc:
+            self.access.require(request, "train")
+            if run_id is None:
+                return "No run selected."
+            return f"Run #{run_id}: {self.services.runner.cancel(int(run_id))}."
+        except (RunRejected, AccessDenied, ValueError) as exc:
             return f"⚠️ {exc}"
 
-    def do_activate(run_id):
-        status = services.runner.status(int(run_id)) if run_id is not None else None
-        if not status or status.result_version is None:
-            return "⚠️ This run has no model version to activate.", *overview(run_id)
+    def activate_run(self, run_id, request: gr.Request):
         try:
-            return services.activate(status.result_version), *overview(run_id)
-        except UserError as exc:
-            return f"⚠️ {exc}", *overview(run_id)
+            self.access.require(request, "serve")
+            status = self.services.runner.status(int(run_id)) if run_id is not None else None
+            if not status or status.result_version is None:
+                raise UserError("This run has no model version to activate.")
+            return self.services.activate(status.result_version), *self.overview(run_id, request=request)
+        except (UserError, AccessDenied, ValueError) as exc:
+            return f"⚠️ {exc}", *self.overview(run_id, request=request)
 
-    def do_version(version_id, picked):
+    def serve_version(self, version_id, picked, request: gr.Request):
         try:
-            return services.activate(int(version_id)), *overview(picked)
-        except (UserError, TypeError, ValueError) as exc:
-            return f"⚠️ {exc}", *overview(picked)
-
-    newest_seen = gr.State(None)
-    over_in = [run_pick, newest_seen]
-    over_out = [usable, parent, reward_model, run_pick, versions, version_pick, newest_seen]
-    watch_out = [progress, loss_plot, acc_plot, metrics, before_after, log, cancel, activate]
-    start.click(launch, [method, parent, *settings_in], [message, *over_out], api_visibility="private")
-    gr.Timer(1.0).tick(watch, [run_pick], watch_out, api_visibility="private")  # live view of the picked run
-    gr.Timer(5.0).tick(overview, over_in, over_out, api_visibility="private")
-    run_pick.change(watch, [run_pick], watch_out, api_visibility="private")
-    cancel.click(do_cancel, [run_pick], [message], api_visibility="private")
-    activate.click(do_activate, [run_pick], [message, *over_out], api_visibility="private")
-    version_btn.click(do_version, [version_pick, run_pick], [message, *over_out], api_visibility="private")
-    demo.load(overview, None, over_out, api_visibility="private")
+            self.access.require(request, "serve")
+            return self.services.activate(int(version_id)), *self.overview(picked, request=request)
+        except (UserError, AccessDenied, TypeError, ValueError) as exc:
+            return f"⚠️ {exc}", *self.overview(picked, request=request)
 
 
-INTEGER_FIELDS = {"max_steps", "batch_size", "max_length", "seed", "lora_r", "lora_alpha", "total_episodes",
-                  "response_length"}  # fmt: skip
-TEXT_FIELDS = {"reward_model"}
-
-
-def _field(label: str) -> gr.Textbox:
-    """An optional setting: empty keeps the method's default (the placeholder says so)."""
-    return gr.Textbox(label=label, placeholder="default", max_lines=1)
-
-
-def _parse_settings(names: list[str], values: tuple) -> dict:
-    """Form values → run settings; empty fields are left out, anything not a number is refused with its name."""
-    settings = {}
-    for name, value in zip(names, values, strict=True):
-        if value is None or (isinstance(value, str) and not value.strip()):
-            continue
-        if name in TEXT_FIELDS:
-            settings[name] = value
-            continue
-        text = str(value).strip()
-        try:
-            number = float(text)
-        except ValueError:
-            raise UserError(f"{name.replace('_', ' ')}: {text!r} is not a number") from None
-        if name in INTEGER_FIELDS:
-            if not number.is_integer():
-                raise UserError(f"{name.replace('_', ' ')}: {text!r} must be a whole number")
-            number = int(number)
-        settings[name] = number
-    return settings
-
-
-def _submit(services: Services, kind: str, settings: dict, parent_id: int) -> int:
-    reward_keys = {"max_steps", "learning_rate", "epochs", "batch_size", "max_length", "seed", "lora_r", "lora_alpha",
-                   "lora_dropout"}  # fmt: skip
-    if kind == "chain":
-        reward_settings = {k: v for k, v in settings.items() if k in reward_keys}
-        ppo_settings = {k: v for k, v in settings.items() if k not in ("reward_model", "beta")}
-        return services.runner.submit_chain(reward_settings, ppo_settings, parent_version=parent_id)
-    if kind == "dpo":
-        settings = {k: v for k, v in settings.items() if k not in ("total_episodes", "response_length", "kl_coef",
-                                                                   "reward_model")}  # fmt: skip
-    elif kind == "reward":
-        settings = {k: v for k, v in settings.items() if k in reward_keys}
-    else:
-        settings = {k: v for k, v in settings.items() if k != "beta"}
-    return services.runner.submit(kind, settings, parent_version=parent_id)
+def _versions_table(versions: list[dict], active: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"version": v["id"], "kind": v.get("kind"), "parent": v.get("parent_id"), "run": v.get("run_id"),
+             "serving": v["id"] == active, "notes": v.get("notes"), "created": str(v.get("created_at"))}
+            for v in versions
+        ]
+    )  # fmt: skip
 
 
 def _acc(version: dict) -> str:
@@ -238,6 +230,4 @@ def _series(events: list[dict], keys: tuple[str, ...]) -> pd.DataFrame | None:
 
 def _before_after(metrics: dict | None) -> pd.DataFrame | None:
     samples = (metrics or {}).get("before_after", {}).get("samples") if metrics else None
-    if not samples:
-        return None
-    return pd.DataFrame(samples)
+    return pd.DataFrame(samples) if samples else None

@@ -1,0 +1,118 @@
+"""Roles, the users file, password hashes, rate limits (a request here is any object with .username)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from labeling.access import Access, AccessDenied, AuthFileError, RateLimiter, access_from_env, is_loopback, load_users
+from storage.passwords import hash_password, verify_password
+
+
+def as_user(name):
+    return SimpleNamespace(username=name)
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "users.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+def test_hashes_verify_in_constant_time_and_plaintext_still_works():
+    stored = hash_password("s3cret")
+    assert stored.startswith("scrypt$") and "s3cret" not in stored
+    assert verify_password("s3cret", stored) and not verify_password("s3cret!", stored)
+    assert hash_password("s3cret") != stored  # salted
+    assert verify_password("plain", "plain") and not verify_password("plain", "other")
+
+
+def test_hash_password_command_prints_a_hash_that_verifies():
+    out = subprocess.run([sys.executable, "-m", "storage", "hash-password"], input="pw\n", capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert verify_password("pw", json.loads(out.stdout))
+
+
+def test_users_file_roles_old_form_and_warnings(tmp_path):
+    users, warnings = load_users(write(tmp_path, {"alice": {"password": hash_password("a"), "role": "admin"},
+                                                  "bob": {"password": "b", "role": "annotator"}}))  # fmt: skip
+    assert users["alice"].role == "admin" and users["bob"].role == "annotator"
+    assert any("plaintext" in w and "bob" in w for w in warnings)
+    users, warnings = load_users(write(tmp_path, {"carol": "pw"}))
+    assert users["carol"].role == "annotator" and any("old" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("not json", "not JSON"),
+        ("[]", "JSON object"),
+        ({"a<b": "pw"}, "must be 1-64 characters"),
+        ({"dave": {"password": "pw", "role": "boss"}}, "role 'boss'"),
+        ({"dave": {"role": "admin"}}, "password"),
+    ],
+)
+def test_a_bad_users_file_is_one_clear_error(tmp_path, content, message):
+    with pytest.raises(AuthFileError, match=message):
+        load_users(write(tmp_path, content))
+    with pytest.raises(AuthFileError, match="No such file"):
+        load_users(tmp_path / "missing.json")
+
+
+def test_roles_decide_each_action_on_the_server():
+    users, _ = load_users_dict({"alice": "admin", "bob": "annotator", "vera": "viewer"})
+    access = Access(users=users, local=True)
+    assert access.require(as_user("alice"), "train").name == "alice"
+    with pytest.raises(AccessDenied, match="for admins; you are logged in as bob"):
+        access.require(as_user("bob"), "export")
+    with pytest.raises(AccessDenied, match="Log in first"):
+        access.require(as_user(None), "label")
+    with pytest.raises(AccessDenied):
+        access.require(as_user("vera"), "label")
+    assert access.require(as_user("vera"), "read").role == "viewer"
+    assert access.annotator(as_user("bob"), "") == "bob"
+    with pytest.raises(AccessDenied, match="cannot label as 'alice'"):
+        access.annotator(as_user("bob"), "alice")
+
+
+def test_without_logins_loopback_is_admin_and_a_public_address_is_not(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    local, public = access_from_env({}, "127.0.0.1"), access_from_env({}, "0.0.0.0")
+    assert local.require(as_user(None), "train").role == "admin"
+    with pytest.raises(AccessDenied, match="--auth"):
+        public.require(as_user(None), "train")
+    assert public.annotator(as_user(None), "zoe") == "zoe"
+    assert is_loopback("::1") and is_loopback("localhost") and not is_loopback("10.0.0.1")
+
+
+def test_spaces_oauth_admins_come_from_prefloop_admins(monkeypatch):
+    monkeypatch.setenv("SPACE_ID", "team/prefloop")
+    monkeypatch.setenv("PREFLOOP_ADMINS", "alice, carol")
+    access = access_from_env({}, "0.0.0.0")
+
+    def oauth(name: str):
+        return SimpleNamespace(username=None, session={"oauth_info": {"userinfo": {"preferred_username": name}}})
+
+    assert access.require(oauth("alice"), "train").name == "alice"
+    with pytest.raises(AccessDenied, match="for admins"):
+        access.require(oauth("bob"), "train")
+    assert access.annotator(oauth("bob"), None) == "bob"
+    with pytest.raises(AccessDenied, match="Log in first"):
+        access.require(SimpleNamespace(username=None, session={}), "label")
+
+
+def test_rate_limit_allows_steady_work_and_refuses_floods():
+    limiter = RateLimiter(rate=20.0, burst=100.0)
+    assert all(limiter.allow("bob") for _ in range(100))  # a burst of 100 passes
+    assert not limiter.allow("bob")  # the 101st at once is refused
+    assert limiter.allow("carol")  # others are not affected
+
+
+def load_users_dict(roles: dict[str, str]):
+    from labeling.access import User
+
+    return {name: User(name, "pw", role) for name, role in roles.items()}, []
