@@ -91,7 +91,8 @@ def launch_options(args: argparse.Namespace, access) -> dict:
     }
 
 
-def create_services(args: argparse.Namespace):
+def create_services(args: argparse.Namespace, shutdown=None):
+    """Store, engine, pair queue and job runner, started; each registers its stop step with `shutdown`."""
     from generation.engine import GenerationEngine
     from generation.sampling import SamplingParams
     from labeling.pair_queue import PairQueue
@@ -114,6 +115,11 @@ def create_services(args: argparse.Namespace):
     services.restore_active_version()
     queue.start()
     runner.start()
+    if shutdown is not None:  # stopped newest first: runner (ends its child), queue, engine, then the store
+        shutdown.register("store", store.close)
+        shutdown.register("engine", engine.close)
+        shutdown.register("pair queue", queue.stop)
+        shutdown.register("training runner", lambda: runner.stop(cancel_running=True))
     return services
 
 
@@ -135,14 +141,18 @@ def _report_first_pair(services) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     access = load_access(args)
+    from labeling.lifecycle import Shutdown
     from ui.app import build_app
 
-    services = create_services(args)
+    shutdown = Shutdown()
+    shutdown.install()
+    services = create_services(args, shutdown)
     threading.Thread(target=_report_first_pair, args=(services,), daemon=True).start()
     demo = build_app(services, access, upload_max_rows=args.upload_max_rows)
     print(
         f"prefloop: UI built {time.monotonic() - STARTED:.1f} s after start; serving on http://{args.host}:{args.port}"
     )
+    shutdown.register("web server", demo.close)
     demo.queue(default_concurrency_limit=8, max_size=args.queue_max).launch(**launch_options(args, access))
 
 
