@@ -183,12 +183,31 @@ class LeaseDesk:
         with self.store.read() as cur:
             rows = cur.execute(
                 "SELECT p.id, pr.messages, ga.text, gb.text, coalesce(ga.model_version_id::VARCHAR, ga.model_name), "
-                "coalesce(gb.model_version_id::VARCHAR, gb.model_name), p.strategy FROM pairs p "
+                "coalesce(gb.model_version_id::VARCHAR, gb.model_name), p.strategy, "
+                "coalesce(ga.params->>'finish_reason' = 'length', false), "
+                "coalesce(gb.params->>'finish_reason' = 'length', false) FROM pairs p "
                 "JOIN prompts pr ON pr.id = p.prompt_id JOIN generations ga ON ga.id = p.generation_a "
                 "JOIN generations gb ON gb.id = p.generation_b WHERE list_contains(?, p.id)",
                 [list(set(pair_ids))],
             ).fetchall()
-        as_version = lambda v: int(v) if v is not None and v.isdigit() else v  # noqa: E731
-        return {int(r[0]): {"pair_id": int(r[0]), "messages": json.loads(r[1]), "answer_a": r[2], "answer_b": r[3],
-                            "version_a": as_version(r[4]), "version_b": as_version(r[5]), "strategy": r[6]}
-                for r in rows}  # fmt: skip
+        return {int(r[0]): _view(r) for r in rows}
+
+
+def _version(value: str | None) -> int | str | None:
+    return int(value) if value is not None and value.isdigit() else value
+
+
+def _view(row: tuple) -> dict:
+    """One pair as the page shows it; `truncated_*`: that answer was cut at the token limit (finish 'length')."""
+    pair_id, messages, answer_a, answer_b, version_a, version_b, strategy, cut_a, cut_b = row
+    return {
+        "pair_id": int(pair_id),
+        "messages": json.loads(messages),
+        "answer_a": answer_a,
+        "answer_b": answer_b,
+        "version_a": _version(version_a),
+        "version_b": _version(version_b),
+        "strategy": strategy,
+        "truncated_a": bool(cut_a),
+        "truncated_b": bool(cut_b),
+    }

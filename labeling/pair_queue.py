@@ -186,7 +186,8 @@ class PairQueue:
 
     def _add_generation(self, cur, prompt_id: int, gen: Generation) -> int:
         return self.store.add_generation(
-            prompt_id, gen.text, model_version_id=gen.version, model_name=gen.model_name, params=gen.params.to_dict(),
+            prompt_id, gen.text, model_version_id=gen.version, model_name=gen.model_name,
+            params={**gen.params.to_dict(), "finish_reason": gen.finish_reason},  # "length": cut at the token limit
             token_count=gen.token_count, latency_ms=gen.latency_ms, cur=cur,
         )  # fmt: skip
 

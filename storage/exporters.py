@@ -83,7 +83,9 @@ def _raw_rows(store) -> list[dict]:
         cur.execute(
             f"SELECT {columns}, p.messages AS prompt, ga.text AS answer_a, gb.text AS answer_b, "
             "coalesce(ga.model_name, 'v' || ga.model_version_id::VARCHAR) AS model_a, "
-            "coalesce(gb.model_name, 'v' || gb.model_version_id::VARCHAR) AS model_b "
+            "coalesce(gb.model_name, 'v' || gb.model_version_id::VARCHAR) AS model_b, "
+            "coalesce(ga.params->>'finish_reason' = 'length', false) AS truncated_a, "  # cut at the token limit
+            "coalesce(gb.params->>'finish_reason' = 'length', false) AS truncated_b "
             "FROM comparisons c LEFT JOIN prompts p ON p.id = c.prompt_id "
             "LEFT JOIN generations ga ON ga.id = c.generation_a LEFT JOIN generations gb ON gb.id = c.generation_b "
             "ORDER BY c.id"
@@ -174,4 +176,5 @@ def _schema(fmt: str) -> Any:
     fields = [(name, pa.int64() if name in ints else pa.float64() if name in floats else pa.string())
               for name in RAW_COLUMNS]  # fmt: skip
     texts = ("answer_a", "answer_b", "model_a", "model_b")
-    return pa.schema([*fields, ("prompt", chat), *[(name, pa.string()) for name in texts]])
+    flags = [(name, pa.bool_()) for name in ("truncated_a", "truncated_b")]
+    return pa.schema([*fields, ("prompt", chat), *[(name, pa.string()) for name in texts], *flags])

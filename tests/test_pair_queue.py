@@ -73,7 +73,8 @@ def test_leases_votes_and_skips(store, engine):
     queue = PairQueue(store, engine, params=QUICK)
     queue.generate_pairs(3)
     alice = queue.next_pair("alice")
-    assert set(alice) == {"pair_id", "messages", "answer_a", "answer_b", "version_a", "version_b", "strategy"}
+    assert set(alice) == {"pair_id", "messages", "answer_a", "answer_b", "version_a", "version_b", "strategy",
+                          "truncated_a", "truncated_b"}  # fmt: skip
     assert alice["messages"][-1]["role"] == "user" and alice["version_a"] == 0 and alice["strategy"] == "self"
     assert queue.next_pair("alice")["pair_id"] == alice["pair_id"]  # a reload gets the same pair back
     bob = queue.next_pair("bob")
@@ -295,3 +296,20 @@ def test_the_bundled_model_generates_a_pair(tmp_path, bundled_model_dir):
     finally:
         engine.close()
         store.close()
+
+
+def test_answers_cut_at_the_token_limit_are_marked_on_the_page_and_in_the_export(store, engine, tmp_path):
+    from storage.exporters import export
+    from ui.label_tab import render_answer
+
+    queue = PairQueue(store, engine, params=SamplingParams(max_new_tokens=3, temperature=1.0))
+    queue.generate_pairs(1)
+    pair = queue.next_pair("alice")
+    assert pair["truncated_a"] and pair["truncated_b"]  # a random tiny model does not stop within 3 tokens
+    assert "cut at the length limit" in render_answer(pair, "a")
+    assert "cut at the length limit" not in render_answer({**pair, "truncated_a": False}, "a")
+    queue.record_vote(pair["pair_id"], "alice", "A")
+    out = tmp_path / "raw.jsonl"
+    export(store, "raw", out)
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["truncated_a"] is True and row["truncated_b"] is True
