@@ -21,7 +21,8 @@ import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from training.before_after import HELDOUT_FILE, before_after, heldout_prompts
-from training.common import CommonConfig, ConfigError, parse_config
+from training.common import CommonConfig
+from training.configparse import ConfigError, parse_config
 from training.dpo import PrefDPOConfig
 
 REPO = Path(__file__).resolve().parent.parent

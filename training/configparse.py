@@ -1,4 +1,4 @@
-"""Config dataclass ⇄ command line and YAML for the training child (re-exported by training.common).
+"""Config dataclass ⇄ command line and YAML for the training child.
 
 `parse_config(cls, argv)`: defaults < `--config FILE.yaml` < `--kebab-case` flags, every value coerced to the
 field's type, unknown YAML keys refused, then `cfg.validate()`. Errors are one-line `ConfigError`s naming the key.

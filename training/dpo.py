@@ -17,23 +17,14 @@ from pathlib import Path
 from typing import ClassVar
 
 from training.before_after import run_before_after
-from training.common import (
-    DPO_RENAME,
-    CommonConfig,
-    ConfigError,
-    DataError,
-    ProgressWriter,
-    is_main_process,
-    load_model_for_training,
-    load_rows,
-    lora_config,
-    run_method,
-    save_adapter,
-    split_rows,
-    trainer_args_kwargs,
-)  # fmt: skip
+from training.common import CommonConfig, run_method
+from training.configparse import ConfigError
+from training.data import DataError, load_rows, split_rows
+from training.modeling import load_model_for_training, lora_config, save_adapter, trainer_args_kwargs
+from training.progress import ProgressWriter, is_main_process
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down")
+DPO_RENAME = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"}
 
 
 @dataclass
@@ -90,7 +81,7 @@ def train(cfg: PrefDPOConfig, writer: ProgressWriter, cancel: threading.Event) -
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from training.common import ProgressCallback
+    from training.progress import ProgressCallback
 
     rows = load_rows(cfg.data)
     check_pairs(rows, cfg.data)

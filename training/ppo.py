@@ -27,24 +27,25 @@ from pathlib import Path
 from typing import ClassVar
 
 from training.before_after import run_before_after
-from training.common import (
-    PPO_RENAME,
-    CommonConfig,
-    ConfigError,
-    DataError,
-    ProgressCallback,
-    ProgressWriter,
-    load_model_for_training,
-    load_rows,
-    lora_config,
-    run_method,
-    save_adapter,
-    trainer_args_kwargs,
-)  # fmt: skip
+from training.common import CommonConfig, run_method
+from training.configparse import ConfigError
+from training.data import DataError, load_rows
+from training.modeling import load_model_for_training, lora_config, save_adapter, trainer_args_kwargs
+from training.progress import ProgressLogic, ProgressWriter, trainer_callback
 from training.reward import as_prompt, check_reward_model, use_distinct_pad_token
 
 REFERENCES = ("parent", "base")
-EXTRA_RENAME = {"objective/scores": "score", "episode": "episode", "val/num_eos_tokens": "eos_count"}
+PPO_RENAME = {  # TRL's PPO log keys → progress line fields
+    "objective/rlhf_reward": "reward",
+    "objective/kl": "kl",
+    "loss/policy_avg": "policy_loss",
+    "loss/value_avg": "value_loss",
+    "policy/clipfrac_avg": "clip_fraction",
+    "policy/entropy_avg": "entropy",
+    "objective/scores": "score",
+    "episode": "episode",
+    "val/num_eos_tokens": "eos_count",
+}
 SUMMARY_KEYS = ("reward", "kl", "score", "policy_loss", "value_loss", "clip_fraction", "entropy")
 
 
@@ -159,11 +160,14 @@ class PPOCancelled(Exception):
     """Raised between PPO updates after SIGTERM: PPOTrainer.train() has no other way out of its loop."""
 
 
-class PPOProgress(ProgressCallback):
-    """Progress lines for PPO: TRL's metric names renamed, plus loss (policy + vf_coef × value) and learning_rate."""
+class PPOProgressLogic(ProgressLogic):
+    """Progress lines for PPO: TRL's metric names renamed, plus loss (policy + vf_coef × value) and learning_rate.
+
+    The Trainer gets `trainer_callback(PPOProgressLogic)` (built in `train`, when transformers is loaded anyway).
+    """
 
     def __init__(self, writer: ProgressWriter, cancel: threading.Event, vf_coef: float):
-        super().__init__(writer, cancel, rename={**PPO_RENAME, **EXTRA_RENAME})
+        super().__init__(writer, cancel, rename=PPO_RENAME)
         self.vf_coef = vf_coef
         self.first: dict = {}
 
@@ -242,7 +246,7 @@ def train(cfg: PPORunConfig, writer: ProgressWriter, cancel: threading.Event) ->
     policy, tokenizer, reward_model, value_model, reference = load_models(cfg)
     args = ppo_args(cfg, has_ref_adapter="ref" in policy.peft_config)
     dataset = prompt_dataset(tokenizer, prompts, cfg.max_length, cfg.batch_size * cfg.gradient_accumulation_steps)
-    progress = PPOProgress(writer, cancel, cfg.vf_coef)
+    progress = trainer_callback(PPOProgressLogic)(writer, cancel, cfg.vf_coef)
     trainer = PPOTrainer(
         args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward_model,
         value_model=value_model, train_dataset=dataset, callbacks=[progress],
@@ -264,7 +268,7 @@ def train(cfg: PPORunConfig, writer: ProgressWriter, cancel: threading.Event) ->
     return metrics
 
 
-def summarize(cfg: PPORunConfig, state, progress: PPOProgress, seconds: float, n_prompts: int, reference: str):
+def summarize(cfg: PPORunConfig, state, progress: PPOProgressLogic, seconds: float, n_prompts: int, reference: str):
     updates = state.global_step
     metrics = {
         "method": "ppo", "updates": updates, "episodes": getattr(state, "episode", 0), "prompts": n_prompts,

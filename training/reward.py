@@ -25,18 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from training.common import (
-    CommonConfig,
-    ConfigError,
-    DataError,
-    ProgressCallback,
-    ProgressWriter,
-    load_model_for_training,
-    load_rows,
-    lora_config,
-    run_method,
-    trainer_args_kwargs,
-)  # fmt: skip
+from training.common import CommonConfig, run_method
+from training.configparse import ConfigError
+from training.data import DataError, load_rows
+from training.modeling import load_model_for_training, lora_config, trainer_args_kwargs
+from training.progress import ProgressLogic, ProgressWriter
 
 EVALS_PER_RUN = 4  # held-out evaluations spread over a run (each costs one pass over the small eval split)
 MIN_ROWS_FOR_EVAL = 4  # below this every pair is needed for training
@@ -174,6 +167,8 @@ def train(cfg: RewardModelConfig, writer: ProgressWriter, cancel: threading.Even
     from transformers import PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
+    from training.progress import ProgressCallback
+
     pairs = pair_rows(load_rows(cfg.data), cfg.data)
     train_pairs, eval_pairs = heldout_split(pairs, cfg.eval_fraction, cfg.seed)
     model, tokenizer = load_model_for_training(cfg, "seq_cls")
@@ -236,7 +231,7 @@ def save_reward_model(peft_model, tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
-def summarize(cfg: RewardModelConfig, steps: int, progress: ProgressCallback, n_train: int, n_eval: int) -> dict:
+def summarize(cfg: RewardModelConfig, steps: int, progress: ProgressLogic, n_train: int, n_eval: int) -> dict:
     last, last_eval = progress.last, progress.last_eval
     metrics = {
         "method": "reward", "steps": steps, "train_rows": n_train, "eval_rows": n_eval,

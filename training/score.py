@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from training.common import CommonConfig, ConfigError, DataError, load_rows, parse_config
+from training.common import CommonConfig
+from training.configparse import ConfigError, parse_config
+from training.data import DataError, load_rows
 from training.reward import as_answer, as_prompt, check_reward_model, encode_answer, use_distinct_pad_token
 
 OUT_SUFFIXES = (".jsonl", ".parquet")
