@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from storage.db import Store
@@ -74,6 +75,10 @@ def test_cancel_stops_a_running_child(store, tmp_path, tiny_model_dir):
     status = runner.wait(run_id, timeout=120)
     assert status.status == "cancelled"
     assert status.last["step"] < 2000
+    run_dir = Path(status.run_dir)
+    resolved = yaml.safe_load((run_dir / "run.yaml").read_text())  # the runner's settings, rewritten by the child
+    assert resolved["max_steps"] == 2000 and resolved["beta"] == 0.1  # beta: a default the runner did not send
+    assert not (run_dir / "config.yaml").exists()
 
 
 def test_restart_marks_orphans_failed_and_keeps_the_queue(store, tmp_path, tiny_model_dir):

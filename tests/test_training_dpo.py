@@ -109,7 +109,7 @@ def test_adapter_learned_and_base_is_untouched(trained_run, tiny_model_dir):
 
 def test_config_metrics_and_before_after_files(trained_run):
     run_dir, _ = trained_run
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = yaml.safe_load((run_dir / "run.yaml").read_text())  # the resolved config, defaults included
     assert config["learning_rate"] == 1e-3 and config["max_steps"] == 3 and config["beta"] == 0.1
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["method"] == "dpo" and metrics["reward_accuracy"] is not None

@@ -161,7 +161,9 @@ def test_reward_run_accepts_the_runner_config(tmp_path, tiny_model_dir):
     assert events[0]["total"] == 3 and events[-1]["status"] == "succeeded"
     assert [e["step"] for e in events if e["event"] == "progress"] == [1, 2, 3]
     assert events[-1]["metrics"]["eval_rows"] == 1  # 10 % of 12 rounds to 1
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["lora_r"] == 4
+    resolved = yaml.safe_load((run_dir / "run.yaml").read_text())  # the child's one config file, defaults added
+    assert resolved["lora_r"] == 4 and resolved["center_rewards_coefficient"] == 0.01
+    assert not (run_dir / "config.yaml").exists()
     assert (run_dir / "reward_model" / "model.safetensors").is_file()
 
 

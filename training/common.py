@@ -108,6 +108,8 @@ TrainFn = Callable[[Any, ProgressWriter, threading.Event], dict]
 def run_method(config_cls: type[CommonConfig], train_fn: TrainFn, argv: list[str] | None = None) -> int:
     """Parse, run `train_fn(cfg, writer, cancel)`, write metrics.json and the `end` line. Returns the exit code.
 
+    RUN_DIR/run.yaml is (re)written first with every resolved field: the runner's run.yaml (the usual `--config`)
+    gains the defaults, so one file records what ran, and `--config RUN_DIR/run.yaml` repeats the run.
     0: succeeded or cancelled (SIGTERM: stop at the next step, keep what is done); 1: training failed;
     2: bad config (nothing trained).
     """
@@ -123,7 +125,7 @@ def run_method(config_cls: type[CommonConfig], train_fn: TrainFn, argv: list[str
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
-        write_text_atomic(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=True))
+        write_text_atomic(out / "run.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=True))
     writer = ProgressWriter(out)
     cancel = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: cancel.set())

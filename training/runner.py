@@ -1,8 +1,9 @@
 """The job runner in the app process: one training child at a time, the rest wait in a queue.
 
 The app never imports torch training code. A run is: a row in `training_runs`, a run folder holding a data
-snapshot (the live DuckDB file is locked by the app) and a `run.yaml`, and a child process
-`python -m training METHOD --config run.yaml` whose progress we read from `progress.jsonl`.
+snapshot (the live DuckDB file is locked by the app) and a `run.yaml` (the submitted settings; the child rewrites it
+with every resolved field), and a child process `python -m training METHOD --config run.yaml` whose progress we read
+from `progress.jsonl`.
 A background thread (`start()`) advances the queue; `tick()` does one step of it (tests call it directly).
 """
 
