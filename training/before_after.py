@@ -44,7 +44,7 @@ def heldout_prompts(train_rows: list[dict], limit: int, path: str | Path = HELDO
 def run_before_after(cfg, adapter_dir: Path, train_rows: list[dict]) -> dict:
     """The panel for a finished run: held-out prompts (none of `train_rows`' prompts) answered by the parent
     (cfg.init_adapter, or the base) and the new adapter; also written to RUN_DIR/before_after.json."""
-    from training.common import write_json
+    from training.files import write_json
 
     started = time.monotonic()
     prompts = heldout_prompts(train_rows, cfg.before_after_prompts)

@@ -11,8 +11,6 @@ are fast and these modules are importable without them.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import signal
 import sys
 import threading
@@ -26,7 +24,8 @@ import yaml
 
 from training.configparse import ConfigError, out_dir_hint, parse_config
 from training.data import DATA_SUFFIXES, DataError
-from training.progress import ProgressWriter, is_main_process, json_safe
+from training.files import json_safe, write_json, write_text_atomic
+from training.progress import ProgressWriter, is_main_process
 
 
 @dataclass
@@ -140,17 +139,6 @@ def run_method(config_cls: type[CommonConfig], train_fn: TrainFn, argv: list[str
         return 1
     status = "cancelled" if cancel.is_set() else "succeeded"
     if is_main_process():
-        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
+        write_json(out / "metrics.json", metrics)
     writer.end(status, metrics)
     return 0
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    write_text_atomic(Path(path), json.dumps(json_safe(data), indent=2, ensure_ascii=False))

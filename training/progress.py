@@ -9,25 +9,13 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-
-def json_safe(value: Any) -> Any:
-    """JSON-safe: NaN/inf become None (JSON has no NaN), tensors and numpy scalars become numbers."""
-    if hasattr(value, "item") and callable(value.item):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
+from training.files import json_safe, write_jsonl
 
 
 def is_main_process() -> bool:
@@ -47,14 +35,9 @@ class ProgressWriter:
         line = {"event": event, "time": round(time.time(), 3), **json_safe(fields)}
         if not self.enabled:
             return line
-        text = json.dumps(line, ensure_ascii=False)
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as out:
-                out.write(text + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-        print(f"[{event}] {text}", flush=True)
+            write_jsonl(self.path, [line], append=True)
+        print(f"[{event}] {json.dumps(line, ensure_ascii=False)}", flush=True)
         return line
 
     def start(self, total: int) -> dict:

@@ -23,6 +23,7 @@ import yaml
 
 from storage.exporters import export_rows
 from storage.scores import generations_to_score, load_score_file, save_scores
+from training.files import write_jsonl
 
 METHODS = ("dpo", "reward", "ppo")
 POLICY_METHODS = ("dpo", "ppo")
@@ -162,7 +163,7 @@ class JobRunner:
         run_dir = self.runs_dir / f"run-{run_id:04d}-{method}"
         run_dir.mkdir(parents=True, exist_ok=True)
         data_path = run_dir / "data.jsonl"
-        _write_jsonl(data_path, rows)
+        write_jsonl(data_path, rows)
         config = {
             **settings,
             "data": str(data_path),
@@ -178,7 +179,7 @@ class JobRunner:
         generations = generations_to_score(self.store, reward_model_id=-1) if method == "reward" else []
         if generations:  # the new reward model also scores every stored generation (Data tab)
             config["score_data"] = str(run_dir / "generations.jsonl")
-            _write_jsonl(run_dir / "generations.jsonl", generations)
+            write_jsonl(run_dir / "generations.jsonl", generations)
         (run_dir / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=True), encoding="utf-8")
         (run_dir / "trained_on.json").write_text(json.dumps(comparison_ids), encoding="utf-8")
         meta = {"config": config, "chain": chain, "trained_on": len(comparison_ids)}
@@ -366,12 +367,6 @@ def _prompt_rows(store) -> list[dict]:
 def _end_event(run_dir: str | None) -> dict | None:
     ends = [e for e in read_progress(run_dir or ".") if e.get("event") == "end"]
     return ends[-1] if ends else None
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _read_json(path: Path):

@@ -11,8 +11,6 @@ Answers are tokenized exactly as the reward model was trained (training.reward.e
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import ClassVar
 from training.common import CommonConfig
 from training.configparse import ConfigError, parse_config
 from training.data import DataError, load_rows
+from training.files import replacing, write_jsonl
 from training.reward import as_answer, as_prompt, check_reward_model, encode_answer, use_distinct_pad_token
 
 OUT_SUFFIXES = (".jsonl", ".parquet")
@@ -131,22 +130,14 @@ def _uniform_chats(rows: list[dict]) -> list[dict]:
 
 def write_rows(rows: list[dict], out: str | Path) -> None:
     """Rows to .jsonl or .parquet through a temp file and a rename (no partial file on failure)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.part")
-    try:
-        if out.suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+    if Path(out).suffix != ".parquet":
+        write_jsonl(out, rows)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-            pq.write_table(pa.Table.from_pylist(_uniform_chats(rows)), tmp)
-        else:
-            with tmp.open("w", encoding="utf-8") as handle:
-                for row in rows:
-                    handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(out) as tmp:
+        pq.write_table(pa.Table.from_pylist(_uniform_chats(rows)), tmp)
 
 
 def main(argv: list[str] | None = None) -> int:

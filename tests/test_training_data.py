@@ -1,0 +1,85 @@
+"""The training child's file helpers without any model: JSON lines, atomic writes, rows and the held-out split."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.data import DataError, load_rows
+from training.files import json_safe, replacing, write_json, write_jsonl
+from training.progress import ProgressWriter
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_write_jsonl_replaces_the_whole_file_and_reads_back(tmp_path):
+    path = tmp_path / "sub" / "rows.jsonl"
+    write_jsonl(path, [{"a": 1}, {"b": "ü"}])
+    write_jsonl(path, [{"prompt": "p", "when": Path("x")}])  # a value JSON cannot hold is written as text
+    assert load_rows(path) == [{"prompt": "p", "when": "x"}]
+    assert [p.name for p in path.parent.iterdir()] == ["rows.jsonl"]  # the temp file was renamed
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, [{"a": 1}])
+
+    def rows():
+        yield {"a": 2}
+        raise RuntimeError("broken source")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(path, rows())
+    with pytest.raises(OSError), replacing(path) as tmp:
+        tmp.write_text("half")
+        raise OSError("disk full")
+    assert load_rows(path) == [{"a": 1}] and [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+def test_append_adds_lines(tmp_path):
+    path = tmp_path / "run" / "progress.jsonl"
+    write_jsonl(path, [{"event": "start"}], append=True)
+    write_jsonl(path, [{"event": "progress"}, {"event": "end"}], append=True)
+    assert [r["event"] for r in load_rows(path)] == ["start", "progress", "end"]
+
+
+def test_progress_writer_lines_are_json_safe(tmp_path, capsys):
+    writer = ProgressWriter(tmp_path)
+    line = writer.progress(step=1, loss=float("nan"), extra=(1.5, float("inf")))
+    writer.end("succeeded", {"loss": 0.5})
+    lines = [json.loads(text) for text in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert lines[0] == line and line["loss"] is None and line["extra"] == [1.5, None]
+    assert lines[1]["event"] == "end" and lines[1]["metrics"] == {"loss": 0.5} and lines[1]["error"] is None
+    assert capsys.readouterr().out.startswith("[progress] {")
+
+
+def test_write_json_and_json_safe(tmp_path):
+    write_json(tmp_path / "m.json", {"a": math.nan, 1: [2.0]})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": None, "1": [2.0]}
+    assert json_safe({"x": (1, -math.inf)}) == {"x": [1, None]}
+
+
+def test_load_rows_names_the_bad_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": \n')
+    with pytest.raises(DataError, match=r"rows.jsonl, line 3: invalid JSON"):
+        load_rows(path)
+
+
+def test_method_modules_and_help_need_no_torch():
+    """--help and config errors of every method answer without importing torch or transformers."""
+    code = (
+        "import sys, training.dpo, training.reward, training.ppo, training.score, training.runner; "
+        "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr[-2000:]
+    for method in ("dpo", "reward", "ppo", "score"):
+        cmd = [sys.executable, "-m", "training", method, "--help"]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "--learning-rate" in done.stdout, done.stderr[-2000:]
