@@ -1,9 +1,8 @@
 """The DuckDB store: one connection per process, a fresh cursor per call, group-committed writes.
 
-Many request threads write at once. Each write is a function of a cursor; writers queue their function, and
-whichever thread holds the write lock runs every queued function in one transaction (group commit), so 32
-threads cost about one commit per batch instead of one each. A write returns only after its COMMIT. If a batch
-fails, each function is retried alone, so one bad write never takes others down with it.
+Many request threads write at once; storage/commit.py runs every queued write in one transaction (group commit),
+so 32 threads cost about one commit per batch instead of one each, and a write returns only after its COMMIT.
+A database that cannot be opened (locked by another process, a read-only path, a full disk) is one StoreOpenError.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from typing import Any
 
 import duckdb
 
+from storage.commit import GroupCommit, Pending
+from storage.errors import StoreOpenError
 from storage.migrations import apply_migrations
 
 ROLES = ("system", "user", "assistant")
@@ -63,35 +64,26 @@ COMPARISON_COLUMNS = ("pair_id", "prompt_id", "generation_a", "generation_b", "a
                       "edited_answer", "time_spent_s", "source", "supersedes", "dedupe_key")  # fmt: skip
 
 
-class _Pending:
-    """One queued write: `fn(cursor)`; `row` (comparison values) when it can join a multi-row INSERT."""
-
-    __slots__ = ("fn", "row", "result", "error", "done")
-
-    def __init__(self, fn: Callable, row: list | None = None):
-        self.fn, self.row, self.result, self.error, self.done = fn, row, None, None, False
-
-
 class Store:
     def __init__(self, path: str | Path | None = None):
         path = str(path if path is not None else default_db_path())
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._con = duckdb.connect(path)
+        try:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._con = duckdb.connect(path)
+        except (duckdb.Error, OSError) as exc:
+            raise StoreOpenError(path, exc) from None
         self._write_lock = threading.Lock()
-        self._pending_ready = threading.Condition()
-        self._pending: list[_Pending] = []
-        self._committer: threading.Thread | None = None
-        self._closing = False
-        apply_migrations(self._con)
+        self._commits = GroupCommit(lambda: self._con.cursor(), self._write_lock, _insert_comparison_rows)
+        try:
+            apply_migrations(self._con)
+        except (duckdb.Error, OSError) as exc:  # e.g. the disk filled up while a new file was being set up
+            self._con.close()
+            raise StoreOpenError(path, exc) from None
 
     def close(self) -> None:
-        with self._pending_ready:
-            self._closing = True
-            self._pending_ready.notify_all()
-        if self._committer is not None:
-            self._committer.join(timeout=10)
+        self._commits.close()
         with self._write_lock:
             self._con.close()
 
@@ -114,7 +106,8 @@ class Store:
                 yield cur
                 cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                with contextlib.suppress(Exception):  # a failed COMMIT may have ended it: keep the first error
+                    cur.execute("ROLLBACK")
                 raise
             finally:
                 cur.close()
@@ -123,59 +116,7 @@ class Store:
         """Run fn(cursor) in a committed transaction (group-committed with concurrent writers); its result."""
         if cur is not None:  # already inside the caller's transaction
             return fn(cur)
-        item = _Pending(fn, row)
-        with self._pending_ready:
-            if self._committer is None:
-                self._committer = threading.Thread(target=self._commit_loop, name="duckdb-committer", daemon=True)
-                self._committer.start()
-            self._pending.append(item)
-            self._pending_ready.notify_all()
-            while not item.done:
-                self._pending_ready.wait()
-        if item.error is not None:
-            raise item.error
-        return item.result
-
-    def _commit_loop(self) -> None:
-        """The one thread that commits queued writes: whatever queued up during a commit goes in the next one."""
-        while True:
-            with self._pending_ready:
-                while not self._pending and not self._closing:
-                    self._pending_ready.wait()
-                if self._closing and not self._pending:
-                    return
-                batch, self._pending = self._pending, []
-            with self._write_lock:
-                self._run_batch(batch)
-            with self._pending_ready:
-                self._pending_ready.notify_all()
-
-    def _run_batch(self, batch: list[_Pending]) -> None:
-        cur = self._con.cursor()
-        try:
-            try:
-                cur.execute("BEGIN")
-                results = {id(item): item.fn(cur) for item in batch if item.row is None}
-                results.update(_insert_comparison_rows(cur, [item for item in batch if item.row is not None]))
-                cur.execute("COMMIT")
-            except Exception:
-                cur.execute("ROLLBACK")
-                results = None
-            if results is not None:
-                for item in batch:
-                    item.result, item.done = results[id(item)], True
-                return
-            for item in batch:  # the batch failed: each alone, so only the bad one fails
-                try:
-                    cur.execute("BEGIN")
-                    item.result = item.fn(cur)
-                    cur.execute("COMMIT")
-                except Exception as exc:
-                    cur.execute("ROLLBACK")
-                    item.error = exc
-                item.done = True
-        finally:
-            cur.close()
+        return self._commits.write(fn, row)
 
     # ---- prompts, generations, annotators -----------------------------------------------------------------
     def add_prompt(self, messages: str | list[dict], source: str, cur=None) -> int:
@@ -232,7 +173,7 @@ class Store:
         def insert(c) -> int | None:
             if dedupe_key and c.execute("SELECT 1 FROM comparisons WHERE dedupe_key = ?", [dedupe_key]).fetchone():
                 return None
-            return _insert_comparison_rows(c, [_Pending(insert, values)]).popitem()[1]
+            return _insert_comparison_rows(c, [Pending(insert, values)]).popitem()[1]
 
         bulk = dedupe_key is None and cur is None  # plain votes join the next multi-row INSERT
         return self.write(insert, cur, row=values if bulk else None)
@@ -363,7 +304,7 @@ def insert_comparisons(cur, rows: list[list], annotators: list[str] | None = Non
     return [int(new_id) for new_id in ids]
 
 
-def _insert_comparison_rows(cur, items: list[_Pending]) -> dict[int, int]:
+def _insert_comparison_rows(cur, items: list[Pending]) -> dict[int, int]:
     """The queued plain votes of one group commit, in one INSERT. Returns {id(item): comparison id}."""
     ids = insert_comparisons(cur, [item.row for item in items])
     return {id(item): new_id for new_id, item in zip(ids, items, strict=True)}
