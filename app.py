@@ -58,7 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--queue-max", type=int, default=int(env("PREFLOOP_QUEUE_MAX", "256")), help="requests waiting in Gradio"
     )
     parser.add_argument("--lease-minutes", type=float, default=float(env("PREFLOOP_LEASE_MINUTES", "10")))
-    return parser.parse_args(argv)
+    from labeling.deploy import add_deploy_args, check_deploy_args
+
+    add_deploy_args(parser)  # backups, a served model to compare with, the engine
+    args = parser.parse_args(argv)
+    check_deploy_args(parser, args, DEFAULT_STRATEGIES)
+    return args
 
 
 def load_access(args: argparse.Namespace):
@@ -93,17 +98,19 @@ def launch_options(args: argparse.Namespace, access) -> dict:
 
 def create_services(args: argparse.Namespace, shutdown=None):
     """Store, engine, pair queue and job runner, started; each registers its stop step with `shutdown`."""
-    from generation.engine import GenerationEngine
     from generation.sampling import SamplingParams
+    from labeling.deploy import create_engine, is_new_database, open_backups
     from labeling.pair_queue import PairQueue
     from labeling.services import Services
     from storage.db import Store
     from training.runner import JobRunner
 
+    new_db = is_new_database(args.db)
     store = Store(args.db)
+    backups = open_backups(args, store, new_db)  # a lost database comes back before anything else touches it
     store.set_base_model(args.model)
     seed_prompts(store)
-    engine = GenerationEngine(args.model, cache_dir=args.model_cache, threads=args.engine_threads)
+    engine = create_engine(args)
     queue = PairQueue(
         store, engine, target=args.queue_size, lease_minutes=args.lease_minutes,
         strategies=tuple(args.strategy or DEFAULT_STRATEGIES),
@@ -117,6 +124,8 @@ def create_services(args: argparse.Namespace, shutdown=None):
     runner.start()
     if shutdown is not None:  # stopped newest first: runner (ends its child), queue, engine, then the store
         shutdown.register("store", store.close)
+        if backups is not None:  # the last flush: after the queue and the runner stopped, before the store closes
+            shutdown.register("backups", backups.stop)
         shutdown.register("engine", engine.close)
         shutdown.register("pair queue", queue.stop)
         shutdown.register("training runner", lambda: runner.stop(cancel_running=True))

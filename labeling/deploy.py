@@ -1,0 +1,123 @@
+"""Deployment options of the app: backups, a served model on one side of pairs, the generation engine, Spaces.
+
+`add_deploy_args` adds the flags (each with an environment variable, so a Space sets them as variables) and
+`check_deploy_args` refuses combinations that cannot work; the `open_*` / `create_*` helpers build the pieces that
+app.py wires into its services. Heavy imports stay inside the functions (start-up time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ENGINES = ("local", "vllm")
+
+
+def add_deploy_args(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    group = parser.add_argument_group("deployment", "backups, a served model to compare with, the engine")
+    group.add_argument(
+        "--backup-dir",
+        default=env("PREFLOOP_BACKUP_DIR"),
+        help="parquet backups of the database (restored into a new database at start)",
+    )
+    group.add_argument(
+        "--backup-every",
+        type=float,
+        default=float(env("PREFLOOP_BACKUP_EVERY", "300")),
+        help="seconds between backup flushes (one more at shutdown)",
+    )
+    group.add_argument(
+        "--backup-hub-repo",
+        default=env("PREFLOOP_BACKUP_HUB_REPO"),
+        help="OWNER/NAME: mirror the backups and adapters with a private HF dataset (needs HF_TOKEN)",
+    )
+    group.add_argument(
+        "--compare-endpoint",
+        default=env("PREFLOOP_COMPARE_ENDPOINT"),
+        help="OpenAI-compatible base URL, e.g. http://host:8000/v1: answers one side of endpoint pairs",
+    )
+    group.add_argument("--compare-model", default=env("PREFLOOP_COMPARE_MODEL"), help="the served model's name")
+    group.add_argument(
+        "--compare-timeout",
+        type=float,
+        default=float(env("PREFLOOP_COMPARE_TIMEOUT", "60")),
+        help="seconds one answer of the served model may take",
+    )
+    group.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=env("PREFLOOP_ENGINE", "local"),
+        help="local: transformers in this process; vllm: vLLM on a CUDA GPU (versions as LoRA adapters)",
+    )
+
+
+def check_deploy_args(parser: argparse.ArgumentParser, args: argparse.Namespace, default_strategies) -> None:
+    """parser.error (exit 2) on combinations that cannot work; a served model adds 'endpoint' to the defaults."""
+    if args.backup_every <= 0:
+        parser.error("--backup-every must be a positive number of seconds")
+    if args.backup_hub_repo and not args.backup_dir:
+        parser.error("--backup-hub-repo needs --backup-dir (the local folder the Hub repo mirrors)")
+    if args.compare_endpoint and not args.compare_model:
+        parser.error("--compare-endpoint needs --compare-model (the name the server gives the model)")
+    if args.compare_endpoint and not args.compare_endpoint.startswith(("http://", "https://")):
+        parser.error(f"--compare-endpoint must start with http:// or https://, not {args.compare_endpoint!r}")
+    if "endpoint" in (args.strategy or ()) and not args.compare_endpoint:
+        parser.error("--strategy endpoint needs --compare-endpoint URL and --compare-model NAME")
+    if args.compare_endpoint and not args.strategy:
+        args.strategy = [*default_strategies, "endpoint"]
+
+
+def is_new_database(db: str) -> bool:
+    """True before the store creates the file (":memory:" counts as new: there is nothing to lose)."""
+    return db == ":memory:" or not Path(db).exists()
+
+
+def open_backups(args: argparse.Namespace, store, new_db: bool):
+    """labeling.backups.start_backups with the app's flags; None without --backup-dir. Exits on BackupStartError."""
+    if not args.backup_dir:
+        return None
+    from labeling.backups import BackupStartError, start_backups
+
+    try:
+        return start_backups(
+            store,
+            args.backup_dir,
+            new_db=new_db,
+            runs_dir=args.runs_dir,
+            every_s=args.backup_every,
+            hub_repo=args.backup_hub_repo,
+        )
+    except BackupStartError as exc:
+        store.close()
+        sys.exit(f"error: {exc}")
+
+
+def create_engine(args: argparse.Namespace):
+    """The generation engine the flags ask for (both have the same interface for the queue and the services)."""
+    if args.engine == "vllm":
+        from generation.vllm_engine import VLLMEngine
+
+        return VLLMEngine(args.model, cache_dir=args.model_cache)
+    from generation.engine import GenerationEngine
+
+    return GenerationEngine(args.model, cache_dir=args.model_cache, threads=args.engine_threads)
+
+
+def create_compare_side(args: argparse.Namespace):
+    """The served model of 'endpoint' pairs (labeling.endpoint_pairs.EndpointSide), or None. The API key, if the
+    server wants one, comes from PREFLOOP_COMPARE_API_KEY (never a flag: it would show in the process list)."""
+    if not args.compare_endpoint:
+        return None
+    from generation.backends import OpenAICompatibleBackend
+    from labeling.endpoint_pairs import EndpointSide
+
+    backend = OpenAICompatibleBackend(
+        args.compare_endpoint,
+        args.compare_model,
+        api_key=os.environ.get("PREFLOOP_COMPARE_API_KEY"),
+        timeout=args.compare_timeout,
+    )
+    return EndpointSide(backend)
