@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from training.data import DataError, load_rows
+from training.data import DataError, eval_count, load_rows, split_rows
 from training.files import json_safe, replacing, write_json, write_jsonl
 from training.progress import ProgressWriter
 
@@ -83,3 +83,36 @@ def test_method_modules_and_help_need_no_torch():
         cmd = [sys.executable, "-m", "training", method, "--help"]
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "--learning-rate" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "fraction", "held"),
+    [
+        (40, 0.0, 0),  # fraction 0: no split
+        (3, 0.5, 0),  # under MIN_ROWS_FOR_EVAL rows: all train
+        (4, 0.1, 1),  # 0.4 rounds to 0, but a fraction above 0 holds out at least one row
+        (8, 0.25, 2),
+        (12, 0.1, 1),  # 1.2 → 1
+        (40, 0.1, 4),
+        (15, 0.1, 2),  # 1.5: halves round up
+        (25, 0.1, 3),  # 2.5 → 3 (Python's round() would give 2)
+        (45, 0.7, 32),  # 31.499999999999996 in floats, counted as 31.5 → 32
+        (4, 0.99, 3),  # 3.96 → 4, capped so one row is left to train on
+    ],
+)
+def test_one_held_out_rule(n_rows, fraction, held):
+    assert eval_count(n_rows, fraction) == held
+    rows = [{"i": i} for i in range(n_rows)]
+    train, evaluation = split_rows(rows, fraction, seed=3)
+    assert len(evaluation) == held and len(train) == n_rows - held
+    assert sorted(train + evaluation, key=lambda r: r["i"]) == rows
+    assert train == sorted(train, key=lambda r: r["i"]) and evaluation == sorted(evaluation, key=lambda r: r["i"])
+
+
+def test_split_is_seeded_and_shared_by_every_method():
+    from training import dpo, reward
+
+    rows = list(range(20))
+    assert split_rows(rows, 0.25, seed=1) == split_rows(rows, 0.25, seed=1)
+    assert split_rows(rows, 0.25, seed=1) != split_rows(rows, 0.25, seed=2)
+    assert dpo.split_rows is reward.split_rows is split_rows

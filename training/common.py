@@ -54,7 +54,7 @@ class CommonConfig:
         default="all-linear", metadata={"help": "comma-separated module names, or 'all-linear'"}
     )
     eval_fraction: float = field(
-        default=0.0, metadata={"help": "share of rows held out for evaluation (0 = no eval split)"}
+        default=0.0, metadata={"help": "share of rows held out for evaluation, ≥ 1 row from 4 rows on (0 = none)"}
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "trade compute for memory (TRL defaults to true; small models don't need it)"}

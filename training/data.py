@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 from pathlib import Path
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+MIN_ROWS_FOR_EVAL = 4  # below this every row is needed for training
 
 
 class DataError(ValueError):
@@ -44,13 +47,22 @@ def load_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, eval) with a seeded shuffle; eval is empty when the fraction is 0 or leaves it under one row."""
-    import random
+def eval_count(n_rows: int, eval_fraction: float) -> int:
+    """How many of `n_rows` rows are held out for evaluation: the one rule of every method.
 
-    n_eval = int(len(rows) * eval_fraction)
-    if n_eval < 1:
-        return rows, []
+    Rounding rule: n × fraction rounded to the nearest whole row, halves up (10 % of 15 rows = 1.5 → 2; the product is
+    first rounded to 9 decimals, so 70 % of 45 = 31.499999999999996 in floats still counts as 31.5 → 32), then kept
+    between 1 (any fraction above 0 holds out a row) and n - 1 (a row is always left to train on).
+    Nothing is held out with a fraction of 0 or fewer than MIN_ROWS_FOR_EVAL rows (every row is needed to train).
+    """
+    if eval_fraction <= 0 or n_rows < MIN_ROWS_FOR_EVAL:
+        return 0
+    return min(n_rows - 1, max(1, math.floor(round(n_rows * eval_fraction, 9) + 0.5)))
+
+
+def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval): `eval_count` rows held out, picked by a shuffle seeded with `seed`; both keep the input order."""
+    n_eval = eval_count(len(rows), eval_fraction)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -27,12 +26,11 @@ from typing import Any, ClassVar
 
 from training.common import CommonConfig, run_method
 from training.configparse import ConfigError
-from training.data import DataError, load_rows
+from training.data import DataError, load_rows, split_rows
 from training.modeling import load_model_for_training, lora_config, trainer_args_kwargs
 from training.progress import ProgressLogic, ProgressWriter
 
 EVALS_PER_RUN = 4  # held-out evaluations spread over a run (each costs one pass over the small eval split)
-MIN_ROWS_FOR_EVAL = 4  # below this every pair is needed for training
 REWARD_RENAME = {"accuracy": "accuracy", "margin": "margin", "mean_reward": "mean_reward"}
 EVAL_METRICS = ("loss", "accuracy", "margin", "mean_reward", "min_reward", "max_reward")
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>")  # tried after the tokenizer's unk token
@@ -141,17 +139,6 @@ def pair_rows(rows: list[dict], path: str) -> list[tuple[list[dict], list[dict],
     return pairs
 
 
-def heldout_split(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, eval): a seeded shuffle; `fraction` of the rows held out, at least one once there are 4 rows."""
-    if fraction <= 0 or len(items) < MIN_ROWS_FOR_EVAL:
-        return list(items), []
-    n_eval = max(1, round(len(items) * fraction))
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
 def _tokenized(tokenizer, pairs, max_length: int):
     from datasets import Dataset
 
@@ -170,7 +157,7 @@ def train(cfg: RewardModelConfig, writer: ProgressWriter, cancel: threading.Even
     from training.progress import ProgressCallback
 
     pairs = pair_rows(load_rows(cfg.data), cfg.data)
-    train_pairs, eval_pairs = heldout_split(pairs, cfg.eval_fraction, cfg.seed)
+    train_pairs, eval_pairs = split_rows(pairs, cfg.eval_fraction, cfg.seed)
     model, tokenizer = load_model_for_training(cfg, "seq_cls")
     use_distinct_pad_token(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
