@@ -26,7 +26,6 @@ from storage.scores import generations_to_score, load_score_file, save_scores
 from training.files import write_jsonl
 
 METHODS = ("dpo", "reward", "ppo")
-POLICY_METHODS = ("dpo", "ppo")
 MIN_PAIRS = 4  # below this a preference run learns nothing but noise
 LOG_TAIL_LINES = 30
 
@@ -106,7 +105,6 @@ class JobRunner:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.on_finished = None  # optional callback(RunStatus) after a run ends
         self.recover()
 
     # ---- lifecycle -------------------------------------------------------------------------------------
@@ -246,8 +244,6 @@ class JobRunner:
                 self.submit(chain["method"], settings, parent_version=chain["parent_version"])
             except RunRejected as exc:
                 self._set(row["id"], error=f"the chained PPO run could not start: {exc}")
-        if self.on_finished:
-            self.on_finished(self.status(row["id"]))
 
     def _register(self, row: dict, metrics: dict) -> int:
         run_dir = Path(row["run_dir"])
@@ -298,10 +294,6 @@ class JobRunner:
 
     def runs(self, limit: int = 20) -> list[dict]:
         return self._rows(f"TRUE ORDER BY id DESC LIMIT {int(limit)}")
-
-    def latest_run_id(self) -> int | None:
-        rows = self._rows("TRUE ORDER BY id DESC LIMIT 1")
-        return rows[0]["id"] if rows else None
 
     def wait(self, run_id: int, timeout: float = 900) -> RunStatus:
         """Block until a run has ended (for the CLI, tests and benchmarks)."""
