@@ -126,6 +126,24 @@ class GenerationEngine:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def fit(self, messages: Messages, max_new_tokens: int) -> Messages | None:
+        """The chat cut to fit the context with `max_new_tokens` to spare: the oldest messages go first (a system
+        message stays), then the start of the last one. None when even that cannot fit."""
+        budget = self.context - max_new_tokens
+        messages = list(messages)
+        while (over := len(self.encode(messages)) - budget) > 0:
+            drop = next((i for i, m in enumerate(messages[:-1]) if m["role"] != "system"), None)
+            if drop is not None:
+                del messages[drop]
+                continue
+            with self._tokenizer_lock:
+                ids = self.tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+                if len(ids) <= over + 1:
+                    return None
+                kept = self.tokenizer.decode(ids[over + 1 :], skip_special_tokens=True)  # +1: decoding may merge
+            messages[-1] = {**messages[-1], "content": "…" + kept}
+        return messages
+
     def close(self) -> None:
         with self._wakeup:
             self._closed = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,8 @@ from datetime import UTC, datetime, timedelta
 from storage.db import annotator_name, check_judgement, insert_comparisons
 
 AVAILABLE = "(status = 'ready' OR (status = 'leased' AND lease_expires <= ?))"  # a pair someone may be given
+UNSEEN = """NOT EXISTS (SELECT 1 FROM comparisons c WHERE c.pair_id = p.id AND c.annotator = n.name
+  AND c.choice <> 'undone' AND NOT EXISTS (SELECT 1 FROM comparisons s WHERE s.supersedes = c.id))"""  # judged/skipped
 
 
 def utc_now() -> datetime:
@@ -77,11 +80,57 @@ class LeaseDesk:
         self.store, self.lease = store, lease
         self._requests = Combiner(self._run_requests)  # leases and votes, many per transaction
         self._known_annotators: set[str] = set()  # already in the annotators table
+        self._asked: dict[str, float] = {}  # who asked for a pair lately (monotonic time): the refill serves them
 
     def lease_pair(self, annotator: str) -> dict | None:
-        """The pair this person holds (unexpired), else the oldest available pair they never judged or skipped,
-        now leased to them; None when there is none."""
-        return self._requests.run(annotator_name(annotator))
+        """The pair this person holds (unexpired, the latest leased first), else the oldest available pair they
+        never judged or skipped, now leased to them; None when there is none."""
+        name = annotator_name(annotator)
+        self._asked[name] = time.monotonic()
+        return self._requests.run(name)
+
+    def available(self, strategies: tuple[str, ...] | None = None, names: list[str] | None = None) -> dict:
+        """How many pairs (of `strategies`, default all) could be given now: {None: to anyone (no 'own' pairs),
+        name: to that person (pairs they judged or skipped do not count; held ones and their own ones do)}.
+        `names` defaults to everyone who asked for a pair within a lease period."""
+        if names is None:
+            recent = time.monotonic() - self.lease.total_seconds()
+            self._asked = {n: t for n, t in list(self._asked.items()) if t >= recent}
+            names = list(self._asked)
+        now = utc_now()
+        kinds, kind_args = ("TRUE", []) if strategies is None else ("list_contains(?, p.strategy)", [list(strategies)])
+        with self.store.read() as cur:
+            sql = f"SELECT count(*) FROM pairs p WHERE {AVAILABLE} AND p.strategy <> 'own' AND {kinds}"
+            counts = {None: cur.execute(sql, [now, *kind_args]).fetchone()[0]}
+            if names:
+                counts |= dict(cur.execute(
+                    f"""SELECT n.name, count(p.id) FROM (SELECT unnest(?::VARCHAR[]) AS name) n LEFT JOIN pairs p
+                        ON {kinds} AND ((p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ?)
+                        OR ({AVAILABLE} AND (p.strategy <> 'own' OR p.leased_to = n.name) AND {UNSEEN})) GROUP BY 1""",
+                    [names, *kind_args, now, now]).fetchall())  # fmt: skip
+        return counts
+
+    def undo(self, annotator: str) -> int | None:
+        """Undo this person's latest vote or skip cast here (an 'undone' row supersedes it); the id undone, or None.
+        The pair is leased to them again with a fresh lease, so it is the next pair they get, unless it went on to
+        someone else after a skip (then only the skip is undone)."""
+        annotator, now = annotator_name(annotator), utc_now()
+        with self.store.transaction() as cur:
+            row = cur.execute(
+                "SELECT c.id, c.pair_id FROM comparisons c WHERE c.annotator = ? AND c.source = 'ui' "
+                "AND c.choice <> 'undone' "
+                "AND NOT EXISTS (SELECT 1 FROM comparisons s WHERE s.supersedes = c.id) ORDER BY c.id DESC LIMIT 1",
+                [annotator],
+            ).fetchone()
+            if row is None:
+                return None
+            self.store.undo_comparison(row[0], annotator, cur=cur)
+            cur.execute(
+                "UPDATE pairs SET status = 'leased', leased_to = ?, lease_expires = ? WHERE id = ? AND "
+                f"((status IN ('done', 'leased') AND leased_to = ?) OR {AVAILABLE})",
+                [annotator, now + self.lease, row[1], annotator, now],
+            )
+        return int(row[0])
 
     def vote(self, pair_id: int, annotator: str, choice: str, rationale: str | None = None,
              edited_answer: str | None = None, time_spent_s: float | None = None) -> int:  # fmt: skip
@@ -118,10 +167,9 @@ class LeaseDesk:
             f"""SELECT n.name, p.id, p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ? AS mine
                 FROM pairs p, (SELECT unnest(?::VARCHAR[]) AS name) n
                 WHERE (p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ?) OR ({AVAILABLE}
-                  AND (p.strategy <> 'own' OR p.leased_to = n.name)
-                  AND NOT EXISTS (SELECT 1 FROM comparisons c WHERE c.pair_id = p.id AND c.annotator = n.name
-                  AND c.choice <> 'undone' AND NOT EXISTS (SELECT 1 FROM comparisons s WHERE s.supersedes = c.id)))
-                ORDER BY mine DESC, p.id""",
+                  AND (p.strategy <> 'own' OR p.leased_to = n.name) AND {UNSEEN})
+                ORDER BY mine DESC, CASE WHEN p.status = 'leased' AND p.leased_to = n.name THEN p.lease_expires END
+                         DESC NULLS LAST, p.id""",
             [now, list(dict.fromkeys(names)), now, now],
         ).fetchall()
         held: dict[str, int] = {}

@@ -179,13 +179,14 @@ class Store:
         return self.write(insert, cur, row=values if bulk else None)
 
     def undo_comparison(self, comparison_id: int, annotator: str, cur=None) -> int:
-        """Append an 'undone' row superseding the comparison (the table stays append-only)."""
+        """Append an 'undone' row superseding the comparison, a judgement or a skip (the table stays append-only)."""
         annotator = annotator_name(annotator)
 
         def insert(c) -> int:
             row = c.execute(
-                "SELECT pair_id, prompt_id, generation_a, generation_b FROM effective_comparisons "
-                "WHERE id = ? AND annotator = ?",
+                "SELECT pair_id, prompt_id, generation_a, generation_b FROM comparisons c WHERE id = ? "
+                "AND annotator = ? AND choice <> 'undone' "
+                "AND NOT EXISTS (SELECT 1 FROM comparisons s WHERE s.supersedes = c.id)",
                 [comparison_id, annotator],
             ).fetchone()
             if row is None:

@@ -73,7 +73,7 @@ def build_label_tab(services: Services, access: Access, demo: gr.Blocks) -> None
     vote_in = [who, view.pair, view.shown_at, view.rationale, view.edited]
     for choice, button in buttons.items():
         button.click(handlers.cast(choice), vote_in, shown, concurrency_limit=None, **private)
-    undo_btn.click(handlers.undo, [who], [status], **private)
+    undo_btn.click(handlers.undo, [who], shown, **private)
     from_a.click(handlers.start_from("answer_a"), [who, view.pair], [view.edited], **private)
     from_b.click(handlers.start_from("answer_b"), [who, view.pair], [view.edited], **private)
     gr.Timer(2.0).tick(handlers.poll, [who, view.pair], shown, **private)  # fills an empty page when pairs arrive
@@ -162,12 +162,16 @@ class LabelHandlers:
 
         return handler
 
-    def undo(self, name: str, request: gr.Request) -> str:
+    def undo(self, name: str, request: gr.Request) -> tuple:
+        """Undo the latest vote or skip; the pair it was about is shown again at once to judge anew."""
         try:
-            undone = self.services.undo(self.access.annotator(request, name))
+            name = self.access.annotator(request, name)
+            undone = self.services.undo(name)
         except (UserError, AccessDenied) as exc:
-            return f"⚠️ {exc}"
-        return "Your last vote was undone." if undone else "Nothing to undo."
+            return *([gr.skip()] * 8), f"⚠️ {exc}"
+        if not undone:
+            return *([gr.skip()] * 8), "Nothing to undo."
+        return *self.show(name), "Your last vote was undone: judge the pair again."
 
     def start_from(self, side: str):
         def handler(name: str, pair_id: str, request: gr.Request) -> str:
