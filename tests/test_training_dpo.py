@@ -233,5 +233,5 @@ def test_before_after_kl_is_zero_against_itself_and_positive_after_training(trai
 
 
 def test_unknown_method_is_one_clear_line():
-    done = subprocess.run([sys.executable, "-m", "training", "sft"], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 2 and "unknown method 'sft'" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "training", "no_such"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown method 'no_such'" in done.stderr

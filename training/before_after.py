@@ -68,8 +68,9 @@ def before_after(cfg, new_adapter_dir, parent_adapter_dir, prompts: list[list[di
     from models.loading import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.base_model, cfg.model_cache, padding_side="left")
-    model = PeftModel.from_pretrained(load_base_model(cfg.base_model, cfg.model_cache), str(new_adapter_dir),
-                                      adapter_name="new")  # fmt: skip
+    model = PeftModel.from_pretrained(
+        load_base_model(cfg.base_model, cfg.model_cache), str(new_adapter_dir), adapter_name="new"
+    )
     if parent_adapter_dir:
         model.load_adapter(str(parent_adapter_dir), adapter_name="parent")
     model.eval()
@@ -77,8 +78,9 @@ def before_after(cfg, new_adapter_dir, parent_adapter_dir, prompts: list[list[di
     max_new = int(getattr(cfg, "before_after_max_new_tokens", 128))
     temperature = float(getattr(cfg, "before_after_temperature", 0.7))
     device = next(model.parameters()).device
-    batch = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, padding=True, return_tensors="pt",
-                                          return_dict=True).to(device)  # fmt: skip
+    batch = tokenizer.apply_chat_template(
+        prompts, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+    ).to(device)
     with torch.inference_mode():
         with _as_version(model, "parent", has_parent):
             parent_ids = _sample(model, tokenizer, batch, seed, temperature, max_new)
@@ -91,8 +93,10 @@ def before_after(cfg, new_adapter_dir, parent_adapter_dir, prompts: list[list[di
     kl_exact, kl_sampled = _kl_estimates(logp_new, logp_parent, kl_ids, _answer_mask(kl_ids, tokenizer.eos_token_id))
     parent_texts = tokenizer.batch_decode(parent_ids, skip_special_tokens=True)
     new_texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
-    samples = [{"prompt": _last_user_text(p), "parent": a.strip(), "new": b.strip()}
-               for p, a, b in zip(prompts, parent_texts, new_texts, strict=True)]  # fmt: skip
+    samples = [
+        {"prompt": _last_user_text(p), "parent": a.strip(), "new": b.strip()}
+        for p, a, b in zip(prompts, parent_texts, new_texts, strict=True)
+    ]
     return {
         "samples": samples,
         "parent_mean_words": _mean_words(parent_texts),
@@ -122,8 +126,15 @@ def _sample(model, tokenizer, batch, seed: int, temperature: float, max_new: int
     import torch
 
     torch.manual_seed(seed)  # also seeds CUDA
-    out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
-                         max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    out = model.generate(
+        **batch,
+        do_sample=True,
+        temperature=temperature,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=max_new,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return out[:, batch["input_ids"].shape[1] :]
 
 

@@ -94,8 +94,12 @@ def build_parser(cls: type) -> argparse.ArgumentParser:
         base, _ = _field_type(cls, spec.name)
         default = spec.default if spec.default is not dataclasses.MISSING else None
         metavar = "true|false" if base is bool else spec.name.upper()
-        parser.add_argument(_flag(spec.name), dest=spec.name, metavar=metavar,
-                            help=f"{spec.metadata.get('help', '')} (default: {default})")  # fmt: skip
+        parser.add_argument(
+            _flag(spec.name),
+            dest=spec.name,
+            metavar=metavar,
+            help=f"{spec.metadata.get('help', '')} (default: {default})",
+        )
     return parser
 
 

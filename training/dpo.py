@@ -89,16 +89,24 @@ def train(cfg: PrefDPOConfig, writer: ProgressWriter, cancel: threading.Event) -
     model, tokenizer = load_model_for_training(cfg, "causal")
     continued = bool(cfg.init_adapter)
     args = DPOConfig(
-        **trainer_args_kwargs(cfg), beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing,
-        max_length=cfg.max_length, disable_dropout=cfg.lora_dropout == 0,
+        **trainer_args_kwargs(cfg),
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
+        label_smoothing=cfg.label_smoothing,
+        max_length=cfg.max_length,
+        disable_dropout=cfg.lora_dropout == 0,
         eval_strategy="epoch" if eval_rows else "no",
-    )  # fmt: skip
+    )
     progress = ProgressCallback(writer, cancel, rename=DPO_RENAME)
     trainer = DPOTrainer(
-        model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(train_rows),
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        peft_config=None if continued else lora_config(cfg), callbacks=[progress],
-    )  # fmt: skip
+        peft_config=None if continued else lora_config(cfg),
+        callbacks=[progress],
+    )
     trainer.remove_callback(PrinterCallback)  # progress lines are echoed by the writer already
     trainer.train()
     adapter_dir = save_adapter(trainer.model, tokenizer, Path(cfg.out) / "adapter")
@@ -112,13 +120,19 @@ def train(cfg: PrefDPOConfig, writer: ProgressWriter, cancel: threading.Event) -
 def summarize(cfg: PrefDPOConfig, steps: int, progress, n_train: int, n_eval: int) -> dict:
     last = progress.last
     metrics = {
-        "method": "dpo", "steps": steps, "train_rows": n_train, "eval_rows": n_eval,
-        "loss": last.get("loss"), "reward_accuracy": last.get("reward_accuracy"),
-        "reward_margin": last.get("reward_margin"), "train_loss": progress.summary.get("train_loss"),
-        "train_runtime": progress.summary.get("train_runtime"), "base_version": cfg.base_version,
+        "method": "dpo",
+        "steps": steps,
+        "train_rows": n_train,
+        "eval_rows": n_eval,
+        "loss": last.get("loss"),
+        "reward_accuracy": last.get("reward_accuracy"),
+        "reward_margin": last.get("reward_margin"),
+        "train_loss": progress.summary.get("train_loss"),
+        "train_runtime": progress.summary.get("train_runtime"),
+        "base_version": cfg.base_version,
         "continued_from": cfg.init_adapter,
         "reference": "parent adapter (frozen copy)" if cfg.init_adapter else "base model (adapter disabled)",
-    }  # fmt: skip
+    }
     metrics.update({f"eval_{k}": v for k, v in progress.last_eval.items() if k not in ("event", "time")})
     return metrics
 

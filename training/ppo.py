@@ -230,12 +230,21 @@ def ppo_args(cfg: PPORunConfig, has_ref_adapter: bool):
     if cfg.max_steps > 0:
         episodes = min(episodes, cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps)
     return PPOConfig(
-        **trainer_args_kwargs(cfg), total_episodes=episodes, response_length=cfg.response_length,
-        kl_coef=cfg.kl_coef, num_ppo_epochs=cfg.num_ppo_epochs, num_mini_batches=cfg.num_mini_batches,
-        missing_eos_penalty=cfg.missing_eos_penalty or None, temperature=cfg.temperature, vf_coef=cfg.vf_coef,
-        cliprange=cfg.cliprange, stop_token="eos", num_sample_generations=0,
-        ref_adapter_name="ref" if has_ref_adapter else None, model_adapter_name="default" if has_ref_adapter else None,
-    )  # fmt: skip
+        **trainer_args_kwargs(cfg),
+        total_episodes=episodes,
+        response_length=cfg.response_length,
+        kl_coef=cfg.kl_coef,
+        num_ppo_epochs=cfg.num_ppo_epochs,
+        num_mini_batches=cfg.num_mini_batches,
+        missing_eos_penalty=cfg.missing_eos_penalty or None,
+        temperature=cfg.temperature,
+        vf_coef=cfg.vf_coef,
+        cliprange=cfg.cliprange,
+        stop_token="eos",
+        num_sample_generations=0,
+        ref_adapter_name="ref" if has_ref_adapter else None,
+        model_adapter_name="default" if has_ref_adapter else None,
+    )
 
 
 def train(cfg: PPORunConfig, writer: ProgressWriter, cancel: threading.Event) -> dict:
@@ -248,9 +257,15 @@ def train(cfg: PPORunConfig, writer: ProgressWriter, cancel: threading.Event) ->
     dataset = prompt_dataset(tokenizer, prompts, cfg.max_length, cfg.batch_size * cfg.gradient_accumulation_steps)
     progress = trainer_callback(PPOProgressLogic)(writer, cancel, cfg.vf_coef)
     trainer = PPOTrainer(
-        args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward_model,
-        value_model=value_model, train_dataset=dataset, callbacks=[progress],
-    )  # fmt: skip
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,
+        reward_model=reward_model,
+        value_model=value_model,
+        train_dataset=dataset,
+        callbacks=[progress],
+    )
     trainer.remove_callback(PrinterCallback)  # the writer echoes every progress line already
     started = time.monotonic()
     try:
@@ -271,12 +286,19 @@ def train(cfg: PPORunConfig, writer: ProgressWriter, cancel: threading.Event) ->
 def summarize(cfg: PPORunConfig, state, progress: PPOProgressLogic, seconds: float, n_prompts: int, reference: str):
     updates = state.global_step
     metrics = {
-        "method": "ppo", "updates": updates, "episodes": getattr(state, "episode", 0), "prompts": n_prompts,
-        "seconds": round(seconds, 1), "seconds_per_update": round(seconds / updates, 2) if updates else None,
+        "method": "ppo",
+        "updates": updates,
+        "episodes": getattr(state, "episode", 0),
+        "prompts": n_prompts,
+        "seconds": round(seconds, 1),
+        "seconds_per_update": round(seconds / updates, 2) if updates else None,
         "episodes_per_second": round(getattr(state, "episode", 0) / seconds, 3) if seconds and updates else None,
-        "reward_model": cfg.reward_model, "reward_model_version": cfg.reward_model_version,
-        "base_version": cfg.base_version, "continued_from": cfg.init_adapter, "reference": reference,
-    }  # fmt: skip
+        "reward_model": cfg.reward_model,
+        "reward_model_version": cfg.reward_model_version,
+        "base_version": cfg.base_version,
+        "continued_from": cfg.init_adapter,
+        "reference": reference,
+    }
     metrics.update({key: progress.last.get(key) for key in SUMMARY_KEYS})
     metrics.update({f"first_{key}": progress.first.get(key) for key in ("reward", "score")})
     return metrics

@@ -57,9 +57,11 @@ class RewardModelConfig(CommonConfig):
     )
     score_data: str | None = field(
         default=None,
-        metadata={"help": "after training, score these (prompt, answer) rows into RUN_DIR/scores.jsonl (the app "
-                  "passes every stored generation, so the Data tab shows reward scores)"},
-    )  # fmt: skip
+        metadata={
+            "help": "after training, score these (prompt, answer) rows into RUN_DIR/scores.jsonl (the app "
+            "passes every stored generation, so the Data tab shows reward scores)"
+        },
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -134,19 +136,19 @@ def pair_rows(rows: list[dict], path: str) -> list[tuple[list[dict], list[dict],
         missing = [key for key in ("prompt", "chosen", "rejected") if row.get(key) in (None, "", [])]
         if missing:
             raise DataError(f"{where}: missing {', '.join(missing)} (a reward row needs prompt, chosen, rejected)")
-        pairs.append((as_prompt(row["prompt"], where), as_answer(row["chosen"], where),
-                      as_answer(row["rejected"], where)))  # fmt: skip
+        pairs.append(
+            (as_prompt(row["prompt"], where), as_answer(row["chosen"], where), as_answer(row["rejected"], where))
+        )
     return pairs
 
 
 def _tokenized(tokenizer, pairs, max_length: int):
     from datasets import Dataset
 
-    return Dataset.from_list([
-        {"chosen_ids": encode_answer(tokenizer, p, c, max_length),
-         "rejected_ids": encode_answer(tokenizer, p, r, max_length)}
-        for p, c, r in pairs
-    ])  # fmt: skip
+    def ids(prompt, answer):
+        return encode_answer(tokenizer, prompt, answer, max_length)
+
+    return Dataset.from_list([{"chosen_ids": ids(p, c), "rejected_ids": ids(p, r)} for p, c, r in pairs])
 
 
 # ---- training ------------------------------------------------------------------------------------------
@@ -163,17 +165,23 @@ def train(cfg: RewardModelConfig, writer: ProgressWriter, cancel: threading.Even
     model.config.pad_token_id = tokenizer.pad_token_id
     total_steps = _total_steps(cfg, len(train_pairs))
     args = RewardConfig(
-        **trainer_args_kwargs(cfg), max_length=cfg.max_length, disable_dropout=cfg.lora_dropout == 0,
+        **trainer_args_kwargs(cfg),
+        max_length=cfg.max_length,
+        disable_dropout=cfg.lora_dropout == 0,
         center_rewards_coefficient=cfg.center_rewards_coefficient or None,
-        eval_strategy="steps" if eval_pairs else "no", eval_steps=max(1, math.ceil(total_steps / EVALS_PER_RUN)),
-    )  # fmt: skip
+        eval_strategy="steps" if eval_pairs else "no",
+        eval_steps=max(1, math.ceil(total_steps / EVALS_PER_RUN)),
+    )
     progress = ProgressCallback(writer, cancel, rename=REWARD_RENAME)
     trainer = RewardTrainer(
-        model=model, args=args, processing_class=tokenizer,
+        model=model,
+        args=args,
+        processing_class=tokenizer,
         train_dataset=_tokenized(tokenizer, train_pairs, cfg.max_length),
         eval_dataset=_tokenized(tokenizer, eval_pairs, cfg.max_length) if eval_pairs else None,
-        peft_config=lora_config(cfg, "SEQ_CLS", modules_to_save=["score"]), callbacks=[progress],
-    )  # fmt: skip
+        peft_config=lora_config(cfg, "SEQ_CLS", modules_to_save=["score"]),
+        callbacks=[progress],
+    )
     trainer.remove_callback(PrinterCallback)  # the writer echoes every progress line already
     trainer.train()
     if eval_pairs and progress.last_eval.get("step") != trainer.state.global_step:
@@ -191,8 +199,10 @@ def score_stored_generations(cfg: RewardModelConfig) -> int:
 
     rows = load_rows(cfg.score_data)  # never empty: load_rows refuses a file without rows
     scored = score_rows(rows, Path(cfg.out) / "reward_model", cfg.score_data, max_length=cfg.max_length)
-    write_rows([{"generation_id": r.get("generation_id"), "score": r["score"]} for r in scored],
-               Path(cfg.out) / "scores.jsonl")  # fmt: skip
+    write_rows(
+        [{"generation_id": r.get("generation_id"), "score": r["score"]} for r in scored],
+        Path(cfg.out) / "scores.jsonl",
+    )
     return len(scored)
 
 
@@ -221,11 +231,18 @@ def save_reward_model(peft_model, tokenizer, out_dir: Path) -> Path:
 def summarize(cfg: RewardModelConfig, steps: int, progress: ProgressLogic, n_train: int, n_eval: int) -> dict:
     last, last_eval = progress.last, progress.last_eval
     metrics = {
-        "method": "reward", "steps": steps, "train_rows": n_train, "eval_rows": n_eval,
-        "loss": last.get("loss"), "accuracy": last.get("accuracy"), "margin": last.get("margin"),
-        "train_loss": progress.summary.get("train_loss"), "train_runtime": progress.summary.get("train_runtime"),
-        "base_version": cfg.base_version, "reward_model": str(Path(cfg.out) / "reward_model"),
-    }  # fmt: skip
+        "method": "reward",
+        "steps": steps,
+        "train_rows": n_train,
+        "eval_rows": n_eval,
+        "loss": last.get("loss"),
+        "accuracy": last.get("accuracy"),
+        "margin": last.get("margin"),
+        "train_loss": progress.summary.get("train_loss"),
+        "train_runtime": progress.summary.get("train_runtime"),
+        "base_version": cfg.base_version,
+        "reward_model": str(Path(cfg.out) / "reward_model"),
+    }
     metrics.update({f"eval_{k}": last_eval[k] for k in EVAL_METRICS if k in last_eval})
     if not n_eval:
         metrics["eval_accuracy"] = None  # too few pairs for a held-out split

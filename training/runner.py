@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +21,7 @@ import yaml
 
 from storage.exporters import export_rows
 from storage.scores import generations_to_score, load_score_file, save_scores
+from training.children import Children
 from training.files import write_jsonl
 
 METHODS = ("dpo", "reward", "ppo")
@@ -76,17 +75,6 @@ def log_tail(run_dir: str | Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    stat = Path(f"/proc/{pid}/stat")  # a zombie (exited, not yet reaped) counts as dead
-    return not (stat.exists() and ") Z " in stat.read_text())
-
-
 class JobRunner:
     def __init__(
         self,
@@ -101,7 +89,7 @@ class JobRunner:
         self.base_model = base_model
         self.model_cache = str(model_cache)
         self.poll_seconds = poll_seconds
-        self._children: dict[int, subprocess.Popen] = {}
+        self._children = Children()  # started by this runner, or adopted after a restart (training/children.py)
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -113,12 +101,14 @@ class JobRunner:
         self._thread.start()
 
     def stop(self, cancel_running: bool = False) -> None:
+        """Stop the queue; `cancel_running` (app shutdown): SIGTERM each child, then SIGKILL its process group."""
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
         if cancel_running:
-            for run_id in list(self._children):
-                self.cancel(run_id)
+            with self._lock:
+                self._children.stop_all()
+                self.tick()  # records how their runs ended; nothing new starts once stopping
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_seconds):
@@ -128,13 +118,22 @@ class JobRunner:
                 print(f"job runner: {exc!r}", file=sys.stderr)
 
     def recover(self) -> None:
-        """After a restart, runs show their true state: a child that died with the app is marked failed."""
+        """After a restart: adopt a child still running (watch it, Cancel reaches it), else record how it ended."""
         for row in self._rows("status = 'running'"):
-            end = _end_event(row["run_dir"])
-            if end:
-                self._finish(row, end)
-            elif not _pid_alive(row["pid"]):
-                self._set(row["id"], status="failed", error="the app stopped while this run was running", end=True)
+            if not self._children.adopt(row["id"], row["pid"], row["run_dir"]):
+                self._end(row["id"])
+
+    def _end(self, run_id: int, returncode: int | None = None) -> None:
+        """Record how a run ended (its end line); a failure while recording still ends it, as failed."""
+        row = self._rows("id = ?", [run_id])[0]
+        end = _end_event(row["run_dir"])
+        try:
+            if end is None and returncode is None:  # not our child: no exit code, no end line
+                self._set(run_id, status="failed", error="the app stopped while this run was running", end=True)
+            else:
+                self._finish(row, end, returncode)
+        except Exception as exc:
+            self._set(run_id, status="failed", error=f"the run ended, but recording it failed: {exc!r}", end=True)
 
     # ---- submitting ------------------------------------------------------------------------------------
     def usable_pairs(self) -> int:
@@ -157,7 +156,17 @@ class JobRunner:
                 f"only {len(rows)} usable preference pairs (A or B better, or an edited answer); "
                 f"label at least {MIN_PAIRS} before training"
             )
-        run_id = self._insert_run(method, parent_version, len(rows))
+        with self._lock:  # the queue never sees the row before its folder is written
+            run_id = self._insert_run(method, parent_version, len(rows))
+            try:
+                self._write_run(run_id, method, settings, parent, parent_version, rows, comparison_ids, chain)
+            except Exception as exc:  # a full disk, a bad folder: the row ends failed, the queue moves on
+                self._set(run_id, status="failed", error=f"its run folder could not be written: {exc}", end=True)
+                raise RunRejected(f"run {run_id} could not be prepared: {exc}") from exc
+        self.tick()
+        return run_id
+
+    def _write_run(self, run_id, method, settings, parent, parent_version, rows, comparison_ids, chain) -> None:
         run_dir = self.runs_dir / f"run-{run_id:04d}-{method}"
         run_dir.mkdir(parents=True, exist_ok=True)
         data_path = run_dir / "data.jsonl"
@@ -182,8 +191,6 @@ class JobRunner:
         (run_dir / "trained_on.json").write_text(json.dumps(comparison_ids), encoding="utf-8")
         meta = {"config": config, "chain": chain, "trained_on": len(comparison_ids)}
         self._set(run_id, run_dir=str(run_dir), config=json.dumps(meta))
-        self.tick()
-        return run_id
 
     def submit_chain(self, reward_settings: dict, ppo_settings: dict, parent_version: int = 0) -> int:
         """Reward model first, then PPO against it, as one job chain (the PPO run is queued when the first ends)."""
@@ -199,28 +206,37 @@ class JobRunner:
 
     # ---- the queue -------------------------------------------------------------------------------------
     def tick(self) -> None:
-        """Reap finished children, then start the oldest queued run if nothing is running."""
+        """Reap ended children (ours, or adopted after a restart), then start the oldest queued run if nothing is
+        running. A 'running' row nobody watches is checked too, so none stays 'running' forever."""
         with self._lock:
-            for run_id, child in list(self._children.items()):
-                if child.poll() is not None:
-                    self._children.pop(run_id)
-                    row = self._rows("id = ?", [run_id])[0]
-                    self._finish(row, _end_event(row["run_dir"]), child.returncode)
-            if self._rows("status = 'running'"):
+            for run_id, returncode in self._children.ended():
+                self._end(run_id, returncode)
+            for row in self._rows("status = 'running'"):  # e.g. recording its end failed before: try again
+                if row["id"] not in self._children and not self._children.adopt(row["id"], row["pid"], row["run_dir"]):
+                    self._end(row["id"])
+            if self._children or self._stop.is_set():
                 return
-            queued = self._rows("status = 'queued' ORDER BY id LIMIT 1")
-            if queued:
-                self._launch(queued[0])
+            for row in self._rows("status = 'queued' ORDER BY id"):
+                if self._launch(row):
+                    return
 
-    def _launch(self, row: dict) -> None:
-        run_dir = Path(row["run_dir"])
+    def _launch(self, row: dict) -> bool:
+        """Start a queued run's child (True), or end the run failed with the reason (the queue moves on)."""
+        run_dir = Path(row["run_dir"] or "")
+        if not row["run_dir"] or not (run_dir / "run.yaml").is_file():
+            error = "its run folder was never completed (the app stopped or the disk filled up during submit)"
+            self._set(row["id"], status="failed", error=error, end=True)
+            return False
         cmd = [sys.executable, "-m", "training", row["method"], "--config", str(run_dir / "run.yaml")]
         quiet = {"PYTHONUNBUFFERED": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **quiet}  # see training/__main__.py: no spinning threads
-        with (run_dir / "log.txt").open("ab") as log:
-            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self._children[row["id"]] = child
-        self._set(row["id"], status="running", pid=child.pid, start=True)
+        try:
+            pid = self._children.start(row["id"], cmd, run_dir, env)
+        except OSError as exc:
+            self._set(row["id"], status="failed", error=f"the training process could not start: {exc}", end=True)
+            return False
+        self._set(row["id"], status="running", pid=pid, start=True)
+        return True
 
     def _finish(self, row: dict, end: dict | None, returncode: int | None = None) -> None:
         status = (end or {}).get("status") or "failed"
@@ -251,16 +267,26 @@ class JobRunner:
         trained_on = _read_json(run_dir / "trained_on.json") or []
         if row["method"] == "reward":
             return self.store.add_version(
-                kind="reward", base_model=self.base_model, adapter_path=str(run_dir / "reward_model"),
-                parent_id=row["parent_version"], run_id=row["id"], metrics=metrics, trained_on=trained_on,
+                kind="reward",
+                base_model=self.base_model,
+                adapter_path=str(run_dir / "reward_model"),
+                parent_id=row["parent_version"],
+                run_id=row["id"],
+                metrics=metrics,
+                trained_on=trained_on,
                 notes=f"reward model from run {row['id']}",
-            )  # fmt: skip
+            )
         return self.store.add_version(
-            kind="policy", base_model=self.base_model, adapter_path=str(run_dir / "adapter"),
-            parent_id=row["parent_version"], run_id=row["id"], metrics=metrics, trained_on=trained_on,
+            kind="policy",
+            base_model=self.base_model,
+            adapter_path=str(run_dir / "adapter"),
+            parent_id=row["parent_version"],
+            run_id=row["id"],
+            metrics=metrics,
+            trained_on=trained_on,
             reward_model_id=meta.get("config", {}).get("reward_model_version"),
             notes=f"{row['method']} run {row['id']}",
-        )  # fmt: skip
+        )
 
     # ---- control and views -----------------------------------------------------------------------------
     def cancel(self, run_id: int) -> str:
@@ -275,8 +301,7 @@ class JobRunner:
                 return "cancelled before it started"
             if row["status"] != "running":
                 return f"run {run_id} is already {row['status']}"
-            if _pid_alive(row["pid"]):
-                os.kill(row["pid"], signal.SIGTERM)
+            self._children.terminate(run_id)  # adopted children only while their pid and start time still match
             return "stopping at the next step"
 
     def status(self, run_id: int) -> RunStatus | None:
@@ -285,12 +310,19 @@ class JobRunner:
             return None
         row = rows[0]
         return RunStatus(
-            id=row["id"], method=row["method"], status=row["status"], run_dir=row["run_dir"] or "",
-            config=json.loads(row["config"] or "{}").get("config", {}), metrics=json.loads(row["metrics"] or "{}"),
-            error=row["error"], result_version=row["result_version"], parent_version=row["parent_version"],
-            snapshot_rows=row["snapshot_rows"] or 0, progress=read_progress(row["run_dir"] or "."),
+            id=row["id"],
+            method=row["method"],
+            status=row["status"],
+            run_dir=row["run_dir"] or "",
+            config=json.loads(row["config"] or "{}").get("config", {}),
+            metrics=json.loads(row["metrics"] or "{}"),
+            error=row["error"],
+            result_version=row["result_version"],
+            parent_version=row["parent_version"],
+            snapshot_rows=row["snapshot_rows"] or 0,
+            progress=read_progress(row["run_dir"] or "."),
             log_tail=log_tail(row["run_dir"] or "."),
-        )  # fmt: skip
+        )
 
     def runs(self, limit: int = 20) -> list[dict]:
         return self._rows(f"TRUE ORDER BY id DESC LIMIT {int(limit)}")

@@ -108,8 +108,9 @@ def _items(rows: list[dict], path: str) -> tuple[list[tuple[Chat, Chat]], list[t
     return items, targets
 
 
-def score_rows(rows: list[dict], reward_model: str | Path, path: str = "rows", max_length: int = 512,
-               batch_size: int = 8) -> list[dict]:  # fmt: skip
+def score_rows(
+    rows: list[dict], reward_model: str | Path, path: str = "rows", max_length: int = 512, batch_size: int = 8
+) -> list[dict]:
     """Copies of `rows` with score columns added (DataError on a bad row, before any model is loaded)."""
     items, targets = _items(rows, path)
     scores = RewardScorer(reward_model, max_length, batch_size).score(items)
