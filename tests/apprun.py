@@ -32,7 +32,8 @@ class AppProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"the app did not stop within {timeout} s on SIGTERM:\n{self.output()[-3000:]}")
+            tail = self.output()[-3000:]
+            raise AssertionError(f"the app did not stop within {timeout} s on SIGTERM:\n{tail}") from None
 
 
 @contextlib.contextmanager

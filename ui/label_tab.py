@@ -6,6 +6,7 @@ asks `Access` who is calling first: under logins the login is the annotator, wha
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -125,7 +126,7 @@ class LabelHandlers:
         return (
             f"Your votes today: **{counts['mine_today']}** · all votes: **{counts['total']}** · "
             f"ready pairs: **{counts['queue']}**"
-        )
+        ) + _served_model_problem(self.services.queue)
 
     def login(self, stored: str, request: gr.Request) -> tuple:
         """Page load: the login (under auth) or the name this browser stored."""
@@ -222,6 +223,23 @@ def render_answer(pair: dict, side: str) -> str:
 def receipt(choice: str, pair: dict) -> str:
     """Confirms the vote and reveals which model made which side (hidden until now)."""
     return (
-        f"✓ Saved: **{RECEIPT_LABELS[choice]}**. A came from version {pair.get('version_a')}, "
-        f"B from version {pair.get('version_b')}."
+        f"✓ Saved: **{RECEIPT_LABELS[choice]}**. A came from {_author(pair.get('version_a'))}, "
+        f"B from {_author(pair.get('version_b'))}."
     )
+
+
+def _author(version) -> str:
+    """A local version by number; a served model (endpoint pairs) or an imported one by its name."""
+    return f"the model {_plain(version)}" if isinstance(version, str) else f"version {version}"
+
+
+def _plain(text: str) -> str:
+    """Text from elsewhere (a server's error, a model name) shown literally in Markdown: its punctuation escaped."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~<>])", r"\\\1", str(text))
+
+
+def _served_model_problem(queue) -> str:
+    """A line under the counters while the served model of endpoint pairs fails (labeling/endpoint_pairs.py)."""
+    served = getattr(queue, "endpoint", None)
+    problem = served.status() if served is not None else None
+    return f"  \n⚠️ {_plain(problem)}" if problem else ""
