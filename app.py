@@ -99,18 +99,18 @@ def launch_options(args: argparse.Namespace, access) -> dict:
 def create_services(args: argparse.Namespace, shutdown=None):
     """Store, engine, pair queue and job runner, started; each registers its stop step with `shutdown`."""
     from generation.sampling import SamplingParams
-    from labeling.deploy import create_engine, is_new_database, open_backups
+    from labeling import deploy
     from labeling.pair_queue import PairQueue
     from labeling.services import Services
     from storage.db import Store
     from training.runner import JobRunner
 
-    new_db = is_new_database(args.db)
+    new_db = deploy.is_new_database(args.db)
     store = Store(args.db)
-    backups = open_backups(args, store, new_db)  # a lost database comes back before anything else touches it
+    backups = deploy.open_backups(args, store, new_db)  # a lost database comes back before anything else touches it
     store.set_base_model(args.model)
     seed_prompts(store)
-    engine = create_engine(args)
+    engine = deploy.create_engine(args)
     queue = PairQueue(
         store, engine, target=args.queue_size, lease_minutes=args.lease_minutes,
         strategies=tuple(args.strategy or DEFAULT_STRATEGIES),
@@ -119,6 +119,7 @@ def create_services(args: argparse.Namespace, shutdown=None):
     runner = JobRunner(store, runs_dir=args.runs_dir, base_model=args.model, model_cache=args.model_cache)
     guidelines = Path(args.guidelines).read_text(encoding="utf-8") if Path(args.guidelines).is_file() else ""
     services = Services(store, engine, queue, runner, guidelines=guidelines)
+    services.training_switch = deploy.TrainingSwitch(store, cpu_space=deploy.on_cpu_space(engine))
     services.restore_active_version()
     queue.start()
     runner.start()

@@ -191,18 +191,36 @@ class Access:
 
 
 def login_name(request) -> str | None:
-    """The logged-in name of a Gradio request: the --auth login, or the Hugging Face OAuth username."""
+    """The logged-in name of a Gradio request: the --auth login, or the Hugging Face OAuth username.
+
+    OAuth: Gradio's login callback stores the provider's answer in the signed session cookie as
+    session["oauth_info"] = {"userinfo": {"preferred_username": ...}, "expires_at": unix seconds, ...}
+    (gradio/oauth.py); an expired login counts as logged out, as Gradio's own OAuthProfile injection does."""
     if request is None:
         return None
     name = getattr(request, "username", None)
     if name:
         return name
-    try:
-        session = request.session  # present only when Gradio's OAuth session middleware runs
-    except (AssertionError, AttributeError, KeyError):
+    info = _oauth_session(request).get("oauth_info") or {}
+    expires = info.get("expires_at")
+    if isinstance(expires, int | float) and expires < time.time():
         return None
-    info = (session or {}).get("oauth_info") or {}
-    return (info.get("userinfo") or {}).get("preferred_username")
+    return (info.get("userinfo") or {}).get("preferred_username") or None
+
+
+def _oauth_session(request) -> dict:
+    """The session dict behind a gr.Request (its Starlette request's scope, set by the session middleware that
+    Gradio installs with OAuth), or a plain `.session` (tests, requests rebuilt from kwargs); {} without one.
+    Never `gr.Request.session` itself: that turns the dict into an attribute object."""
+    underlying = getattr(request, "request", None) or request
+    scope = getattr(underlying, "scope", None)
+    if isinstance(scope, dict):
+        return scope.get("session") or {}
+    try:
+        session = getattr(underlying, "session", None)
+    except (AssertionError, KeyError):  # Starlette asserts when no session middleware runs
+        return {}
+    return session if isinstance(session, dict) else {}
 
 
 def access_from_env(users: dict[str, User], host: str) -> Access:

@@ -121,3 +121,44 @@ def create_compare_side(args: argparse.Namespace):
         timeout=args.compare_timeout,
     )
     return EndpointSide(backend)
+
+
+ALLOW_TRAINING_SETTING = "allow_training_on_cpu_space"  # app_settings key an admin's toggle sets ("1" / "0")
+
+
+class TrainingSwitch:
+    """Whether this process may train. A Hugging Face Space on CPU hardware labels only, unless an admin turns
+    training on (the Train tab's toggle, stored in app_settings, so a restart keeps it) or the Space sets the
+    variable PREFLOOP_ALLOW_TRAINING=1. Everywhere else training is always on."""
+
+    def __init__(self, store, cpu_space: bool):
+        self.store, self.cpu_space = store, cpu_space
+
+    def blocked(self) -> str | None:
+        """None when training may start; else why not and how to turn it on."""
+        if not self.cpu_space or self.allowed_by_env() or self.store.get_setting(ALLOW_TRAINING_SETTING) == "1":
+            return None
+        return (
+            "Training is off on this CPU Space: labeling works as usual, and a run would take the CPU from the "
+            "people labeling (minutes per run on 2 vCPUs). An admin can turn it on here, or set the Space variable "
+            "PREFLOOP_ALLOW_TRAINING=1, or move the Space to GPU hardware."
+        )
+
+    def set_allowed(self, on: bool) -> None:
+        self.store.set_setting(ALLOW_TRAINING_SETTING, "1" if on else "0")
+
+    @staticmethod
+    def allowed_by_env() -> bool:
+        return os.environ.get("PREFLOOP_ALLOW_TRAINING", "").lower() in ("1", "true", "yes")
+
+
+def on_cpu_space(engine) -> bool:
+    """Running as a Space (SPACE_ID) on CPU hardware: SPACE_HARDWARE when set (e.g. "cpu-basic", "t4-small"; a
+    Space variable the owner may set), else where the engine runs (models/device.py pick_placement)."""
+    if not os.environ.get("SPACE_ID"):
+        return False
+    hardware = os.environ.get("SPACE_HARDWARE", "").strip().lower()
+    if hardware:
+        return hardware.startswith("cpu")
+    placement = getattr(engine, "placement", None)
+    return getattr(placement, "device", "cpu") == "cpu"

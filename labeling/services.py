@@ -29,6 +29,7 @@ class Services:
     queue: object
     runner: object
     guidelines: str = ""
+    training_switch: object = None  # labeling/deploy.py TrainingSwitch: off on a CPU Space until an admin allows
     _activate_lock: threading.Lock = field(default_factory=threading.Lock)
     _streaming: set[str] = field(default_factory=set)  # annotators with an own-prompt stream running
     _streaming_lock: threading.Lock = field(default_factory=threading.Lock)

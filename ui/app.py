@@ -17,6 +17,8 @@ from ui.label_tab import build_label_tab
 from ui.train_tab import build_train_tab
 
 DEFAULT_UPLOAD_MAX_ROWS = 200_000  # one browser upload; the operator's CLI import has no cap
+SIGN_IN = "Sign in with Hugging Face (the button above) to label: your votes carry your Hugging Face username."
+NO_LABELING = "Labeling needs an annotator account."
 
 
 def build_app(
@@ -25,6 +27,8 @@ def build_app(
     access = access or Access()
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"# {title} — judge answers, train the model, repeat")
+        if access.oauth:  # a Space without a users file: people sign in with their Hugging Face account
+            gr.LoginButton(elem_id="hf-login")
         with gr.Tab("Label", elem_id="tab-label"):
             label_note = gr.Markdown("", visible=False)
             with gr.Column(visible=False) as label_body:  # shown on load to those who may label
@@ -49,7 +53,7 @@ def _visibility(access: Access):
         label, train = who.may("label"), who.may("train")
         return (
             gr.update(visible=label),
-            gr.update(visible=not label, value="Labeling needs an annotator account."),
+            gr.update(visible=not label, value=SIGN_IN if access.oauth and who.name is None else NO_LABELING),
             gr.update(visible=train),
             gr.update(visible=not train, value="Training and serving versions are for admins."),
         )

@@ -44,6 +44,7 @@ def build_train_tab(services: Services, access: Access, demo: gr.Blocks) -> None
         method = gr.Radio(list(METHODS), value="DPO", label="Method", elem_id="train-method")
         parent = gr.Dropdown(label="Train on top of version (empty: the serving one)", choices=[], value=None)
     fields, reward_model = _settings_form()
+    _training_switch(services, handlers, demo)
     start = gr.Button("Start training", variant="primary", elem_id="train-start")
     message = gr.Markdown("")
     gr.Markdown("### Runs")
@@ -132,6 +133,8 @@ class TrainHandlers:
         """Validate and queue a run from the form (a dict by component); empty fields keep the method's defaults."""
         try:
             self.access.require(request, "train")
+            if blocked := _training_blocked(self.services):
+                raise UserError(blocked)
             form = {name: values.get(component) for name, component in self.form.items()}
             kind, parent_id = form.pop("method"), form.pop("parent")
             parent_id = self.services.engine.active_version if parent_id in (None, "") else int(parent_id)
@@ -139,6 +142,22 @@ class TrainHandlers:
         except (RunRejected, UserError, AccessDenied, KeyError, ValueError) as exc:
             return f"⚠️ Not started: {exc}", *self.overview(request=request)
         return f"✓ Run #{run_id} started.", *self.overview(request=request)
+
+    def training_state(self, request: gr.Request = None):
+        """The CPU Space notice and the toggle's state (on when an admin or PREFLOOP_ALLOW_TRAINING allowed it)."""
+        if not self.access.caller(request).may("train"):
+            return gr.skip(), gr.skip()
+        blocked, by_env = _training_blocked(self.services), self.services.training_switch.allowed_by_env()
+        note = f"⚠️ {blocked}" if blocked else "Training is on for this CPU Space: runs share the CPU with labeling."
+        return note, gr.update(value=blocked is None, interactive=not by_env)
+
+    def allow_training(self, on: bool, request: gr.Request):
+        try:
+            self.access.require(request, "train")
+        except AccessDenied as exc:
+            return f"⚠️ {exc}", gr.skip()
+        self.services.training_switch.set_allowed(bool(on))
+        return self.training_state(request)
 
     def watch(self, run_id, request: gr.Request):
         hidden = ("", None, None, None, None, "", gr.update(visible=False), gr.update(visible=False))
@@ -185,6 +204,20 @@ class TrainHandlers:
             return self.services.activate(int(version_id)), *self.overview(picked, request=request)
         except (UserError, AccessDenied, TypeError, ValueError) as exc:
             return f"⚠️ {exc}", *self.overview(picked, request=request)
+
+
+def _training_switch(services: Services, handlers: TrainHandlers, demo: gr.Blocks) -> None:
+    """On a CPU Space only: why training is off and the admin toggle that allows it (kept in app_settings)."""
+    if services.training_switch is None or not services.training_switch.cpu_space:
+        return
+    notice = gr.Markdown("", elem_id="training-off")
+    allow = gr.Checkbox(label="Allow training on this CPU Space", value=False, elem_id="allow-training")
+    allow.input(handlers.allow_training, [allow], [notice, allow], api_visibility="private")
+    demo.load(handlers.training_state, None, [notice, allow], api_visibility="private")
+
+
+def _training_blocked(services: Services) -> str | None:
+    return services.training_switch.blocked() if services.training_switch is not None else None
 
 
 def _versions_table(versions: list[dict], active: int) -> pd.DataFrame:
