@@ -152,11 +152,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     access = load_access(args)
     from labeling.lifecycle import Shutdown
+    from storage.errors import StoreOpenError
     from ui.app import build_app
 
     shutdown = Shutdown()
     shutdown.install()
-    services = create_services(args, shutdown)
+    try:
+        services = create_services(args, shutdown)
+    except StoreOpenError as exc:  # locked by another process, a read-only path, a full disk: one line
+        sys.exit(f"error: {exc}")
     threading.Thread(target=_report_first_pair, args=(services,), daemon=True).start()
     demo = build_app(services, access, upload_max_rows=args.upload_max_rows)
     print(

@@ -64,6 +64,7 @@ class PairQueue:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
+        self.unusable: dict[int, str] = {}  # prompt id -> why no pair can be made from it (never picked again)
 
     # ---- the refill thread ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -96,11 +97,11 @@ class PairQueue:
             self._wake.clear()
 
     def _top_up(self) -> None:
-        available = self._available_by_strategy()
         for strategy in self.strategies:
             with self._lock:
                 pending = sum(1 for item in self._in_flight if item.strategy == strategy)
-            wanted = min(self.target - available.get(strategy, 0) - pending, self._free_slots())
+            have = min(self._desk.available((strategy,)).values())  # whoever has fewest left to see
+            wanted = min(self.target - have - pending, self._free_slots())
             if wanted > 0:
                 self._submit(strategy, wanted)
 
@@ -154,13 +155,20 @@ class PairQueue:
             plans = [(pid, m, (params, params), tuple(self._rng.sample(pair, 2))) for pid, m in prompts]
         items = []
         for prompt_id, messages, (params_a, params_b), (version_a, version_b) in plans:
-            futures = self.engine.submit_many([(messages, params_a, version_a), (messages, params_b, version_b)])
+            try:  # a prompt over the context is cut to fit (the oldest text goes); one that still fails is set aside
+                fitted = self.engine.fit(messages, max(params_a.max_new_tokens, params_b.max_new_tokens))
+                if fitted is None:
+                    raise ValueError("it cannot be cut to fit the model's context")
+                futures = self.engine.submit_many([(fitted, params_a, version_a), (fitted, params_b, version_b)])
+            except ValueError as exc:
+                self.unusable[prompt_id] = self.last_error = f"prompt {prompt_id} is unusable: {exc}"
+                continue
             item = _InFlight(strategy, prompt_id, futures, self.engine.active_version, background)
             for future in futures:
                 future.add_done_callback(lambda _f: self._wake.set())
             items.append(item)
-        with self._lock:
-            self._in_flight += items
+            with self._lock:  # at once: an error with a later prompt must not lose the requests already submitted
+                self._in_flight.append(item)
         return items
 
     def _collect(self) -> None:
@@ -211,11 +219,11 @@ class PairQueue:
                             FROM pairs WHERE status IN ('ready', 'leased') GROUP BY 1)
                 SELECT p.id, p.messages FROM prompts p
                 LEFT JOIN judged j ON j.prompt_id = p.id LEFT JOIN pending q ON q.prompt_id = p.id
-                WHERE p.source <> 'own'
+                WHERE p.source <> 'own' AND NOT list_contains(?::BIGINT[], p.id)
                 ORDER BY coalesce(q.same, 0) > 0 OR list_contains(?, p.id), coalesce(j.n, 0), coalesce(q.n, 0),
                          random(), p.id
                 LIMIT ?""",
-                [strategy, self._now(), generating, count],
+                [strategy, self._now(), list(self.unusable), generating, count],
             ).fetchall()
         picks = [(int(pid), json.loads(messages)) for pid, messages in rows]
         while picks and len(picks) < count:  # fewer prompts than pairs wanted: some prompts get several pairs
@@ -298,26 +306,12 @@ class PairQueue:
         return self._desk.views([pair_id])[pair_id]
 
     def undo_last(self, annotator: str) -> int | None:
-        """Undo this person's latest effective vote cast here (an 'undone' row supersedes it); returns the undone
-        comparison's id, or None when there is nothing to undo. The pair is leased to this person again with a
-        fresh lease, so their next pair is the same one to judge anew; if they let the lease run out, it becomes
+        """Undo this person's latest vote or skip cast here (labeling/pair_leases.py LeaseDesk.undo); the undone
+        comparison's id, or None. The pair is theirs again and their next pair; a lease they let run out makes it
         available to others like any expired lease."""
-        annotator = annotator_name(annotator)
-        with self.store.transaction() as cur:
-            row = cur.execute(
-                "SELECT id, pair_id FROM effective_comparisons WHERE annotator = ? AND source = 'ui' "
-                "ORDER BY id DESC LIMIT 1",
-                [annotator],
-            ).fetchone()
-            if row is None:
-                return None
-            self.store.undo_comparison(row[0], annotator, cur=cur)
-            if row[1] is not None:
-                cur.execute(
-                    "UPDATE pairs SET status = 'leased', leased_to = ?, lease_expires = ? WHERE id = ?",
-                    [annotator, self._now() + self.lease, row[1]],
-                )
-        return int(row[0])
+        undone = self._desk.undo(annotator)
+        self.wake()
+        return undone
 
     def add_own_pair(self, annotator: str, messages: list[dict], gen_a: Generation, gen_b: Generation) -> dict:
         """Store a typed prompt (source 'own'), both answers and an 'own' pair leased to this person."""
@@ -329,10 +323,11 @@ class PairQueue:
         return self.pair_view(pair_id)
 
     # ---- counts -----------------------------------------------------------------------------------------------
-    def depth(self) -> int:
-        """Pairs someone could be given now: 'ready' ones plus those whose lease expired."""
-        with self.store.read() as cur:
-            return cur.execute(f"SELECT count(*) FROM pairs WHERE {AVAILABLE}", [self._now()]).fetchone()[0]
+    def depth(self, annotator: str | None = None) -> int:
+        """Pairs someone (or this person: not those they judged or skipped) could be given now: 'ready' ones plus
+        those whose lease expired; own-prompt pairs only to their author."""
+        name = annotator_name(annotator) if annotator else None
+        return self._desk.available(names=[name] if name else [])[name]
 
     def progress(self) -> dict:
         with self._lock:
@@ -348,7 +343,8 @@ class PairQueue:
 
     def _available_by_strategy(self) -> dict[str, int]:
         with self.store.read() as cur:
-            rows = cur.execute(f"SELECT strategy, count(*) FROM pairs WHERE {AVAILABLE} GROUP BY 1", [self._now()])
+            sql = f"SELECT strategy, count(*) FROM pairs WHERE {AVAILABLE} AND strategy <> 'own' GROUP BY 1"
+            rows = cur.execute(sql, [self._now()])
             return dict(rows.fetchall())
 
     def _now(self) -> datetime:

@@ -90,7 +90,7 @@ class Services:
                 "SELECT count(*) FROM effective_comparisons WHERE annotator = ? AND created_at >= current_date",
                 [annotator or ""],
             ).fetchone()[0]
-        return {"mine_today": mine, "total": total, "queue": self.queue.depth()}
+        return {"mine_today": mine, "total": total, "queue": self.queue.depth(annotator)}  # pairs left for them
 
     # ---- own prompts ------------------------------------------------------------------------------------
     def check_prompt(self, text: str) -> list[dict]:
