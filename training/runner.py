@@ -23,10 +23,10 @@ from storage.exporters import export_rows
 from storage.scores import generations_to_score, load_score_file, save_scores
 from training.children import Children
 from training.files import write_jsonl
+from training.run_folder import end_event, log_tail, read_json, read_progress
 
 METHODS = ("dpo", "reward", "ppo")
 MIN_PAIRS = 4  # below this a preference run learns nothing but noise
-LOG_TAIL_LINES = 30
 
 
 class RunRejected(ValueError):
@@ -52,27 +52,6 @@ class RunStatus:
     def last(self) -> dict:
         steps = [p for p in self.progress if p.get("event") == "progress"]
         return steps[-1] if steps else {}
-
-
-def read_progress(run_dir: str | Path) -> list[dict]:
-    """All complete JSON lines of a run's progress file (a half-written last line is skipped)."""
-    path = Path(run_dir) / "progress.jsonl"
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
-
-
-def log_tail(run_dir: str | Path, lines: int = LOG_TAIL_LINES) -> str:
-    path = Path(run_dir) / "log.txt"
-    if not path.is_file():
-        return ""
-    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
 
 class JobRunner:
@@ -126,7 +105,7 @@ class JobRunner:
     def _end(self, run_id: int, returncode: int | None = None) -> None:
         """Record how a run ended (its end line); a failure while recording still ends it, as failed."""
         row = self._rows("id = ?", [run_id])[0]
-        end = _end_event(row["run_dir"])
+        end = end_event(row["run_dir"])
         try:
             if end is None and returncode is None:  # not our child: no exit code, no end line
                 self._set(run_id, status="failed", error="the app stopped while this run was running", end=True)
@@ -242,7 +221,7 @@ class JobRunner:
         status = (end or {}).get("status") or "failed"
         if status == "succeeded" and returncode not in (0, None):
             status = "failed"
-        metrics = (end or {}).get("metrics") or _read_json(Path(row["run_dir"]) / "metrics.json") or {}
+        metrics = (end or {}).get("metrics") or read_json(Path(row["run_dir"]) / "metrics.json") or {}
         error = None
         if status == "failed":
             reason = (end or {}).get("error") or f"the training process exited with code {returncode}"
@@ -264,7 +243,7 @@ class JobRunner:
     def _register(self, row: dict, metrics: dict) -> int:
         run_dir = Path(row["run_dir"])
         meta = json.loads(row["config"] or "{}")
-        trained_on = _read_json(run_dir / "trained_on.json") or []
+        trained_on = read_json(run_dir / "trained_on.json") or []
         if row["method"] == "reward":
             return self.store.add_version(
                 kind="reward",
@@ -386,15 +365,3 @@ def _prompt_rows(store) -> list[dict]:
             "GROUP BY prompt_id) c ON c.prompt_id = p.id ORDER BY coalesce(c.n, 0) DESC, p.id"
         )
         return [{"prompt": json.loads(m) if isinstance(m, str) else m} for (m,) in cur.fetchall()]
-
-
-def _end_event(run_dir: str | None) -> dict | None:
-    ends = [e for e in read_progress(run_dir or ".") if e.get("event") == "end"]
-    return ends[-1] if ends else None
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
