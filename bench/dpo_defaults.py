@@ -104,7 +104,7 @@ def _finished_run(out: Path, lr: str, epochs: str, beta: str, rank: str) -> dict
     import yaml
 
     try:
-        config = yaml.safe_load((out / "config.yaml").read_text())
+        config = yaml.safe_load((out / "run.yaml").read_text())
         metrics = json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
@@ -115,9 +115,9 @@ def _finished_run(out: Path, lr: str, epochs: str, beta: str, rank: str) -> dict
     wall = out / "bench_wall.json"
     if wall.is_file():
         metrics["wall_s"] = json.loads(wall.read_text())["wall_s"]
-    else:  # config.yaml is written right after start-up; the end line closes the run
+    else:  # run.yaml is written right after start-up; the end line closes the run
         end = json.loads((out / "progress.jsonl").read_text().splitlines()[-1])["time"]
-        metrics["wall_s"] = round(end - (out / "config.yaml").stat().st_mtime, 1)
+        metrics["wall_s"] = round(end - (out / "run.yaml").stat().st_mtime, 1)
     return metrics
 
 
