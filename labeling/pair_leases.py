@@ -18,8 +18,12 @@ from datetime import UTC, datetime, timedelta
 from storage.db import annotator_name, check_judgement, insert_comparisons
 
 AVAILABLE = "(status = 'ready' OR (status = 'leased' AND lease_expires <= ?))"  # a pair someone may be given
-UNSEEN = """NOT EXISTS (SELECT 1 FROM comparisons c WHERE c.pair_id = p.id AND c.annotator = n.name
-  AND c.choice <> 'undone' AND NOT EXISTS (SELECT 1 FROM comparisons s WHERE s.supersedes = c.id))"""  # judged/skipped
+# judged or skipped by n.name (and not undone). Only the comparisons of open pairs are looked at, and superseded ones
+# are found by key: written as a correlated NOT EXISTS over all comparisons, DuckDB hashed every comparison (0.1 s a
+# lease at a million judgements).
+UNSEEN = """NOT EXISTS (SELECT 1 FROM (SELECT id FROM pairs WHERE status IN ('ready', 'leased')) o
+  JOIN comparisons c ON c.pair_id = o.id WHERE c.pair_id = p.id AND c.annotator = n.name AND c.choice <> 'undone'
+  AND c.id NOT IN (SELECT supersedes FROM comparisons WHERE supersedes IS NOT NULL))"""
 
 
 def utc_now() -> datetime:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from storage.db import CHOICES, canonical_messages
 from storage.scores import comparison_scores
+from storage.tallies import vote_counts
 
 MAX_PROMPT_CHARS = 8_000  # longer than the bundled model's useful context; bigger input is rejected, not cut
 MAX_RATIONALE_CHARS = 4_000
@@ -84,12 +85,7 @@ class Services:
         return self.queue.undo_last(self.annotator_name(annotator))
 
     def counters(self, annotator: str | None) -> dict:
-        with self.store.read() as cur:
-            total = cur.execute("SELECT count(*) FROM effective_comparisons").fetchone()[0]
-            mine = cur.execute(
-                "SELECT count(*) FROM effective_comparisons WHERE annotator = ? AND created_at >= current_date",
-                [annotator or ""],
-            ).fetchone()[0]
+        total, mine = vote_counts(self.store, annotator)  # kept counts, not a scan per vote
         return {"mine_today": mine, "total": total, "queue": self.queue.depth(annotator)}  # pairs left for them
 
     # ---- own prompts ------------------------------------------------------------------------------------

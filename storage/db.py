@@ -250,34 +250,31 @@ class Store:
 
     # ---- views --------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        with self.read() as cur:
-            count = lambda sql: cur.execute(sql).fetchone()[0]  # noqa: E731
-            grouped = lambda sql: {str(k): v for k, v in cur.execute(sql).fetchall()}  # noqa: E731
-            return {
-                "prompts": count("SELECT count(*) FROM prompts"),
-                "generations": count("SELECT count(*) FROM generations"),
-                "comparisons": count("SELECT count(*) FROM effective_comparisons"),
-                "pairs_ready": count("SELECT count(*) FROM pairs WHERE status = 'ready'"),
-                "per_choice": grouped("SELECT choice, count(*) FROM effective_comparisons GROUP BY 1 ORDER BY 1"),
-                "per_annotator": grouped(
-                    "SELECT annotator, count(*) FROM effective_comparisons GROUP BY 1 ORDER BY 1"
-                ),
-                "per_source": grouped("SELECT source, count(*) FROM effective_comparisons GROUP BY 1 ORDER BY 1"),
-                "per_model_version": grouped(
-                    "SELECT coalesce('v' || g.model_version_id::VARCHAR, g.model_name, '?'), count(*) "
-                    "FROM effective_comparisons c JOIN generations g ON g.id IN (c.generation_a, c.generation_b) "
-                    "GROUP BY 1 ORDER BY 1"
-                ),
-            }
+        """Rows per table and effective comparisons per choice, annotator, source and model version (kept counts:
+        storage/tallies.py)."""
+        from storage.tallies import stats
+
+        return stats(self)
 
     def recent_comparisons(self, limit: int = 50) -> list[dict]:
+        """The newest effective comparisons with their texts. Ids grow, so they are looked for among the newest rows
+        first (a window that widens tenfold until it holds `limit` or everything), never by sorting the table."""
+        limit, span = int(limit), max(20 * int(limit), 1000)
+        with self.read() as cur:
+            high = cur.execute("SELECT coalesce(max(id), 0) FROM comparisons").fetchone()[0]
+            while True:
+                sql = "SELECT id FROM effective_comparisons WHERE id > ? ORDER BY id DESC LIMIT ?"
+                ids = [row[0] for row in cur.execute(sql, [high - span, limit]).fetchall()]
+                if len(ids) >= limit or high - span <= 0:
+                    break
+                span *= 10
         return self._dicts(
             "SELECT c.id, c.created_at, c.annotator, c.choice, p.text AS prompt, ga.text AS answer_a, "
             "gb.text AS answer_b, c.rationale, c.edited_answer AS edited, c.generation_a, c.generation_b "
-            "FROM effective_comparisons c JOIN prompts p ON p.id = c.prompt_id "
+            "FROM comparisons c JOIN prompts p ON p.id = c.prompt_id "
             "JOIN generations ga ON ga.id = c.generation_a JOIN generations gb ON gb.id = c.generation_b "
-            "ORDER BY c.id DESC LIMIT ?",
-            [int(limit)],
+            "WHERE c.id IN (SELECT unnest(?::BIGINT[])) ORDER BY c.id DESC",
+            [ids],
         )
 
     def _dicts(self, sql: str, params: list | None = None) -> list[dict]:

@@ -6,18 +6,45 @@ Standard library only: the app reads run folders through training.runner.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 LOG_TAIL_LINES = 30
+PROGRESS_CACHE_FILES = 16  # progress files whose parsed lines are kept, so a second read parses only new lines
+_PROGRESS: dict[str, tuple[int, int, list[dict]]] = {}  # path: (inode, bytes parsed, events)
+_PROGRESS_LOCK = threading.Lock()
 
 
 def read_progress(run_dir: str | Path) -> list[dict]:
-    """All complete JSON lines of a run's progress file (a half-written last line is skipped)."""
+    """All complete JSON lines of a run's progress file (a half-written last line is skipped).
+
+    The Train tab asks every second while a run may have written thousands of lines: only the bytes added since the
+    last read of the same file are read and parsed (a file that shrank or was replaced is read again whole)."""
     path = Path(run_dir) / "progress.jsonl"
-    if not path.is_file():
+    try:
+        with path.open("rb") as handle:
+            stat = os.fstat(handle.fileno())
+            with _PROGRESS_LOCK:
+                known = _PROGRESS.pop(str(path), None)
+                if known is None or known[0] != stat.st_ino or stat.st_size < known[1]:
+                    known = (stat.st_ino, 0, [])
+                inode, offset, events = known
+                handle.seek(offset)
+                data = handle.read()
+                complete = data.rfind(b"\n") + 1  # the rest may be a line still being written
+                events = events + _parse_lines(data[:complete])
+                _PROGRESS[str(path)] = (inode, offset + complete, events)
+                while len(_PROGRESS) > PROGRESS_CACHE_FILES:
+                    _PROGRESS.pop(next(iter(_PROGRESS)))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return []
+    return events + _parse_lines(data[complete:])  # a last line without its newline counts if it is whole JSON
+
+
+def _parse_lines(data: bytes) -> list[dict]:
     events = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in data.decode("utf-8", errors="replace").splitlines():
         try:
             events.append(json.loads(line))
         except json.JSONDecodeError:
@@ -32,10 +59,23 @@ def end_event(run_dir: str | None) -> dict | None:
 
 
 def log_tail(run_dir: str | Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of the run's log, read from the end of the file (logs grow to many megabytes)."""
     path = Path(run_dir) / "log.txt"
-    if not path.is_file():
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            chunk = 64 * 1024
+            while True:
+                start = max(0, size - chunk)
+                handle.seek(start)
+                data = handle.read(size - start)
+                if start == 0 or data.count(b"\n") > lines:
+                    break
+                chunk *= 4
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return ""
-    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    text = data.decode("utf-8", errors="replace").splitlines()
+    return "\n".join((text if start == 0 else text[1:])[-lines:])  # from the middle: the first line is cut
 
 
 def read_json(path: Path):

@@ -21,6 +21,7 @@ import yaml
 
 from storage.exporters import export_rows
 from storage.scores import generations_to_score, load_score_file, save_scores
+from storage.tallies import usable_pairs
 from training.children import Children
 from training.files import write_jsonl
 from training.run_folder import end_event, log_tail, read_json, read_progress
@@ -116,7 +117,8 @@ class JobRunner:
 
     # ---- submitting ------------------------------------------------------------------------------------
     def usable_pairs(self) -> int:
-        return len(export_rows(self.store, "dpo"))
+        """The rows a DPO export would hold, from kept counts (the Train tab asks every 5 s)."""
+        return usable_pairs(self.store)
 
     def submit(self, method: str, settings: dict | None = None, parent_version: int = 0, chain: dict | None = None):
         """Validate, snapshot the data into a new run folder and queue the run. Returns the run id."""

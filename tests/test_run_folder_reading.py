@@ -1,0 +1,43 @@
+"""Reading a growing run folder: progress lines parsed once each, the log tail read from the end of the file."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from training.run_folder import log_tail, read_progress
+
+
+def test_progress_is_read_as_it_grows_and_again_when_replaced(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    assert read_progress(tmp_path) == []
+    path.write_text("".join(json.dumps({"event": "progress", "step": i}) + "\n" for i in range(3)))
+    assert [e["step"] for e in read_progress(tmp_path)] == [0, 1, 2]
+    with path.open("a") as out:
+        out.write('{"event": "progress", "step": 3}\nnot json\n{"event": "progr')  # a line still being written
+    assert [e["step"] for e in read_progress(tmp_path)] == [0, 1, 2, 3]
+    with path.open("a") as out:
+        out.write('ess", "step": 4}')  # whole JSON, its newline not written yet
+    assert [e["step"] for e in read_progress(tmp_path)] == [0, 1, 2, 3, 4]
+    with path.open("a") as out:
+        out.write('\n{"event": "end", "status": "succeeded"}\n')
+    events = read_progress(tmp_path)
+    assert [e.get("step") for e in events] == [0, 1, 2, 3, 4, None] and events[-1]["event"] == "end"
+    events.clear()  # a caller's list is its own
+    assert len(read_progress(tmp_path)) == 6
+    replacement = tmp_path / "new.jsonl"
+    replacement.write_text('{"event": "start", "total": 9}\n')
+    os.replace(replacement, path)  # a new file (e.g. the run was restarted): read whole again
+    assert read_progress(tmp_path) == [{"event": "start", "total": 9}]
+
+
+def test_log_tail_reads_the_end_and_matches_reading_the_whole_file(tmp_path):
+    path = tmp_path / "log.txt"
+    assert log_tail(tmp_path) == ""
+    lines = [f"step {i} ✓ loss {i / 7:.3f}" + ("\r progress 50%" if i % 5 == 0 else "") for i in range(40_000)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    whole = path.read_text(encoding="utf-8").splitlines()
+    for count in (1, 30, 3_000):
+        assert log_tail(tmp_path, count) == "\n".join(whole[-count:])
+    path.write_text("only line")
+    assert log_tail(tmp_path) == "only line"
