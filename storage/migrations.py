@@ -74,7 +74,20 @@ def m003_reward_scores(cur) -> None:
     )
 
 
-MIGRATIONS: list[Callable] = [m001_initial, m002_settings, m003_reward_scores]
+def m005_effective_by_key(cur) -> None:
+    """effective_comparisons finds superseded rows by key: one anti-join against the few rows that supersede another,
+    instead of a NOT EXISTS per row, which DuckDB ran by materialising every column of every comparison (0.7 s to
+    count a million; now a few ms, and a lookup by id or annotator stays a lookup)."""
+    cur.execute(
+        """CREATE OR REPLACE VIEW effective_comparisons AS
+            SELECT c.* FROM comparisons c
+            ANTI JOIN (SELECT supersedes FROM comparisons WHERE supersedes IS NOT NULL) later
+              ON later.supersedes = c.id
+            WHERE c.choice IN ('A', 'B', 'tie', 'both_bad')"""
+    )
+
+
+MIGRATIONS: list[Callable] = [m001_initial, m002_settings, m003_reward_scores, m005_effective_by_key]
 
 
 def apply_migrations(con, migrations: list[Callable] | None = None) -> list[str]:
