@@ -3,33 +3,68 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+SCORE_LIMIT = 100_000  # generations a new reward model scores after its run: the newest (the Data tab shows those)
+SAVE_CHUNK = 5_000  # scores per transaction
+SAVE_PAUSE_S = 0.002
 
-def generations_to_score(store, reward_model_id: int) -> list[dict]:
-    """Every generation this reward model has not scored yet, as (prompt messages, answer) rows."""
+
+def generations_to_score(store, reward_model_id: int, limit: int | None = None) -> list[dict]:
+    """The generations this reward model has not scored yet (the newest `limit`, oldest first), as (prompt
+    messages, answer) rows."""
     with store.read() as cur:
-        rows = cur.execute(
-            "SELECT g.id, p.messages, g.text FROM generations g JOIN prompts p ON p.id = g.prompt_id "
-            "WHERE NOT EXISTS (SELECT 1 FROM reward_scores s WHERE s.generation_id = g.id AND s.reward_model_id = ?) "
-            "ORDER BY g.id",
-            [reward_model_id],
-        ).fetchall()
+        rows = cur.execute(f"SELECT generation_id, prompt::VARCHAR, answer FROM ({_unscored(limit)})",
+                           [reward_model_id]).fetchall()  # fmt: skip
     return [
         {"generation_id": int(gid), "prompt": json.loads(messages), "answer": text} for gid, messages, text in rows
     ]
 
 
-def save_scores(store, reward_model_id: int, scores: list[tuple[int, float]]) -> int:
-    """Store (generation id, score) pairs for one reward model in one transaction; returns how many."""
-    if not scores:
-        return 0
-    with store.transaction() as cur:
-        cur.executemany(
-            "INSERT INTO reward_scores (generation_id, reward_model_id, score) VALUES (?, ?, ?) "
-            "ON CONFLICT DO UPDATE SET score = excluded.score",
-            [(int(g), int(reward_model_id), float(s)) for g, s in scores],
-        )
+def write_generations_to_score(store, reward_model_id: int, path: str | Path, limit: int | None = SCORE_LIMIT) -> int:
+    """Write what generations_to_score returns to `path` as JSON Lines, straight from DuckDB (a million generations
+    never become Python objects). Returns how many; an empty result writes no file."""
+    path = Path(path)
+    with store.read() as cur:
+        count = cur.execute(f"SELECT count(*) FROM ({_unscored(limit)})", [reward_model_id]).fetchone()[0]
+        if count:
+            target = str(path).replace("'", "''")
+            cur.execute(f"COPY ({_unscored(limit)}) TO '{target}' (FORMAT json)", [reward_model_id])
+    return int(count)
+
+
+def _unscored(limit: int | None) -> str:
+    """SQL of (generation_id, prompt JSON, answer) not yet scored by model `?`, the newest `limit`, by id."""
+    newest = "" if limit is None else f"ORDER BY g.id DESC LIMIT {int(limit)}"
+    return (
+        "SELECT * FROM (SELECT g.id AS generation_id, p.messages::JSON AS prompt, g.text AS answer FROM generations g "
+        "JOIN prompts p ON p.id = g.prompt_id WHERE NOT EXISTS (SELECT 1 FROM reward_scores s "
+        f"WHERE s.generation_id = g.id AND s.reward_model_id = $1) {newest}) ORDER BY generation_id"
+    )
+
+
+def save_scores(store, reward_model_id: int, scores: list[tuple[int, float]], chunk: int = SAVE_CHUNK) -> int:
+    """Store (generation id, score) pairs for one reward model (a later score of the same generation wins); returns
+    how many. Written `chunk` rows per transaction, with a pause between, so votes (which need the same write lock)
+    wait for one chunk at most, never for the whole file; saving again is harmless."""
+    import pyarrow as pa
+
+    latest = {int(g): float(s) for g, s in scores}
+    ids, values = list(latest), list(latest.values())
+    for start in range(0, len(ids), chunk):
+        rows = pa.table({"generation_id": pa.array(ids[start : start + chunk], pa.int64()),
+                         "score": pa.array(values[start : start + chunk], pa.float64())})  # fmt: skip
+        with store.transaction() as cur:
+            cur.register("new_scores", rows)
+            cur.execute(
+                "INSERT INTO reward_scores (generation_id, reward_model_id, score) "
+                "SELECT generation_id, ?, score FROM new_scores "
+                "ON CONFLICT (generation_id, reward_model_id) DO UPDATE SET score = excluded.score",
+                [int(reward_model_id)],
+            )
+            cur.unregister("new_scores")
+        time.sleep(SAVE_PAUSE_S)  # let a waiting vote take the write lock before the next chunk
     return len(scores)
 
 

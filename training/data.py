@@ -27,7 +27,8 @@ def load_rows(path: str | Path) -> list[dict]:
             raise DataError(f"{path}: not a readable parquet file ({exc})") from None
     elif path.suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 may sit inside a string
+        for number, line in enumerate(lines, start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))

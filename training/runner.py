@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from storage.exporters import export_rows
-from storage.scores import generations_to_score, load_score_file, save_scores
+from storage.scores import load_score_file, save_scores, write_generations_to_score
 from storage.tallies import usable_pairs
 from training.children import Children
 from training.files import write_jsonl
@@ -164,10 +164,9 @@ class JobRunner:
             config["init_adapter"] = parent["adapter_path"]
         if method == "ppo":
             config["prompts"] = str(data_path)
-        generations = generations_to_score(self.store, reward_model_id=-1) if method == "reward" else []
-        if generations:  # the new reward model also scores every stored generation (Data tab)
-            config["score_data"] = str(run_dir / "generations.jsonl")
-            write_jsonl(run_dir / "generations.jsonl", generations)
+        scored = run_dir / "generations.jsonl"  # the new reward model also scores the newest generations (Data tab)
+        if method == "reward" and write_generations_to_score(self.store, -1, scored):
+            config["score_data"] = str(scored)
         (run_dir / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=True), encoding="utf-8")
         (run_dir / "trained_on.json").write_text(json.dumps(comparison_ids), encoding="utf-8")
         meta = {"config": config, "chain": chain, "trained_on": len(comparison_ids)}
