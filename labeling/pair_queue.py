@@ -247,6 +247,7 @@ class PairQueue:
             vid in versions
             and bool(versions[vid].get("adapter_path"))
             and Path(versions[vid]["adapter_path"]).is_dir()
+            and versions[vid].get("base_model") == versions[0].get("base_model")  # an adapter fits its own base only
         )
         newer = self.engine.active_version
         if newer == 0 or not usable(newer):

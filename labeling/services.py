@@ -6,6 +6,7 @@ and the same operations serve the page, the named API endpoints and the tests.
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,18 @@ from storage.tallies import vote_counts
 MAX_PROMPT_CHARS = 8_000  # longer than the bundled model's useful context; bigger input is rejected, not cut
 MAX_RATIONALE_CHARS = 4_000
 MAX_EDIT_CHARS = 20_000
+
+
+def other_base(store, version: dict) -> str | None:
+    """Why `version` cannot serve on this app's base model (version 0's base_model, set from --model), or None: an
+    adapter fits only the base it was trained on."""
+    base, trained_on = (store.get_version(0) or {}).get("base_model"), version.get("base_model")
+    if version["id"] == 0 or not base or not trained_on or trained_on == base:
+        return None
+    if Path(base).is_dir() and Path(trained_on).is_dir() and Path(base).resolve() == Path(trained_on).resolve():
+        return None
+    return (f"Version {version['id']} was trained on the base model {trained_on}, but this app runs {base}: "
+            f"start it with --model {trained_on} to serve it.")  # fmt: skip
 
 
 class UserError(ValueError):
@@ -124,6 +137,8 @@ class Services:
         version = self.store.get_version(int(version_id))
         if version is None or version.get("kind", "policy") != "policy":
             raise UserError(f"There is no policy version {version_id}.")
+        if (wrong_base := other_base(self.store, version)) is not None:
+            raise UserError(wrong_base)
         with self._activate_lock:
             if version.get("adapter_path"):
                 if not Path(version["adapter_path"]).is_dir():
@@ -139,8 +154,8 @@ class Services:
         if saved and saved != "0":
             try:
                 self.activate(int(saved))
-            except UserError as exc:
-                print(f"could not restore the active version: {exc}")
+            except Exception as exc:  # another base (--model changed) or an adapter that no longer loads
+                print(f"warning: serving the base version: saved version {saved} cannot serve: {exc}", file=sys.stderr)
 
 
 class OwnPairStream:
