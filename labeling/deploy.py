@@ -100,7 +100,10 @@ def create_engine(args: argparse.Namespace):
     if args.engine == "vllm":
         from generation.vllm_engine import VLLMEngine
 
-        return VLLMEngine(args.model, cache_dir=args.model_cache)
+        share = os.environ.get("PREFLOOP_VLLM_GPU_MEMORY")  # e.g. 0.5: leaves the rest to a training child
+        return VLLMEngine(
+            args.model, cache_dir=args.model_cache, **({"gpu_memory_utilization": float(share)} if share else {})
+        )
     from generation.engine import GenerationEngine
 
     return GenerationEngine(args.model, cache_dir=args.model_cache, threads=args.engine_threads)

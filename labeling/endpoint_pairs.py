@@ -33,8 +33,14 @@ MAX_BACKOFF_SECONDS = 300.0
 class EndpointSide:
     """The served model of 'endpoint' pairs: how many to make, the pair's two futures, failures and status."""
 
-    def __init__(self, backend, max_in_flight: int = MAX_IN_FLIGHT, share: float = SHARE,
-                 backoff_s: float = BACKOFF_SECONDS, max_backoff_s: float = MAX_BACKOFF_SECONDS):  # fmt: skip
+    def __init__(
+        self,
+        backend,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        share: float = SHARE,
+        backoff_s: float = BACKOFF_SECONDS,
+        max_backoff_s: float = MAX_BACKOFF_SECONDS,
+    ):
         self.backend, self.name = backend, backend.model
         self.max_in_flight, self.share = max_in_flight, share
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s

@@ -57,6 +57,11 @@ def table(db: Path, sql: str) -> list[tuple]:
         store.close()
 
 
+def contents(store: Store) -> dict[str, list[tuple]]:
+    with store.read() as cur:
+        return {name: cur.execute(sql).fetchall() for name, sql in EVERYTHING.items()}
+
+
 def vote_some(url: str, votes: int) -> list[tuple[int, str, str]]:
     """Lease and judge `votes` pairs through the named API; the (pair, annotator, choice) the app acknowledged."""
     from gradio_client import Client
@@ -343,3 +348,83 @@ def test_training_is_off_on_a_cpu_space_until_an_admin_allows_it(monkeypatch):
         assert TrainingSwitch(store, cpu_space=False).blocked() is None
     finally:
         store.close()
+
+
+def test_a_fresh_disk_on_a_space_pulls_restores_and_serves_its_adapters_again(tmp_path, tiny_model_dir, monkeypatch):
+    """start_backups against a stand-in Hub: the repo holds the shards and adapters/<run folder>/ of earlier pushes;
+    a new database gets every row back and its version points at the pulled adapter, under the runs folder."""
+    import http.server
+    import shutil
+    import threading
+
+    import huggingface_hub.constants
+
+    from labeling.backups import BackupStartError, start_backups
+    from storage.backup import Backup
+    from tests.test_backup_hub import Recorder, closed_port
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # talks to 127.0.0.1 only
+    store = Store(tmp_path / "old.duckdb")
+    run_id, version = add_run_and_version(store, tmp_path / "old-runs", tiny_model_dir)
+    store.add_prompt("Kept?", "test")
+    Backup(store, tmp_path / "pushed").flush()
+    before = contents(store)
+    store.close()
+    repo = tmp_path / "pushed"  # what the Hub holds after earlier pushes: the backup folder plus the adapters
+    shutil.copytree(tmp_path / "old-runs" / "run-0001-dpo" / "adapter", repo / "adapters" / "run-0001-dpo")
+    shutil.rmtree(tmp_path / "old-runs")  # the disk is gone
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    server.seen, server.repo = [], repo
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    new = Store(tmp_path / "new.duckdb")
+    try:
+        lines = []
+        setup = start_backups(
+            new,
+            tmp_path / "backups",
+            new_db=True,
+            runs_dir=tmp_path / "runs",
+            hub_repo="someone/data",
+            log=lines.append,
+        )
+        setup.scheduler.stop(flush=False)
+        after, moved = contents(new), ("versions", "runs")  # the same rows; versions and runs point at the new folder
+        assert {k: v for k, v in after.items() if k not in moved} == {
+            k: v for k, v in before.items() if k not in moved
+        }
+        assert after["runs"][0][0] == run_id and after["runs"][0][3] == str(tmp_path / "runs" / "run-0001-dpo")
+        assert setup.relinked == [version] and setup.restored["comparisons"] == 0 and setup.restored["prompts"] == 1
+        served = new.get_version(version)["adapter_path"]
+        assert (
+            served == str(tmp_path / "runs" / "run-0001-dpo" / "adapter")
+            and Path(served, "adapter_config.json").is_file()
+        )
+        assert any("pulled" in line for line in lines) and any("restored" in line for line in lines)
+
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # the Hub is unreachable
+        with pytest.raises(BackupStartError, match="database is new"):
+            start_backups(
+                Store(":memory:"),
+                tmp_path / "elsewhere",
+                new_db=True,
+                runs_dir=tmp_path / "r",
+                hub_repo="someone/data",
+                log=lines.append,
+            )
+        kept = start_backups(
+            new,
+            tmp_path / "backups",
+            new_db=False,
+            runs_dir=tmp_path / "runs",
+            hub_repo="someone/data",
+            log=lines.append,
+        )
+        kept.scheduler.stop(flush=False)
+        assert "kept and pushed as usual" in lines[-1]
+    finally:
+        new.close()
+        server.shutdown()
+        server.server_close()
