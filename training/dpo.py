@@ -51,6 +51,9 @@ class PrefDPOConfig(CommonConfig):
     beta: float = field(default=0.1, metadata={"help": "DPO beta: higher keeps the policy closer to the reference"})
     loss_type: str = field(default="sigmoid", metadata={"help": f"DPO loss: {', '.join(LOSS_TYPES)}"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label noise for the 'robust' loss, in [0, 0.5)"})
+    sft_weight: float = field(
+        default=0.0, metadata={"help": "weight of an SFT term (NLL of the chosen answers) added to the loss; 0 = off"}
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -60,6 +63,8 @@ class PrefDPOConfig(CommonConfig):
             raise ConfigError(f"loss_type: {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing: must be in [0, 0.5) (got {self.label_smoothing})")
+        if self.sft_weight < 0:
+            raise ConfigError(f"sft_weight: must be ≥ 0 (got {self.sft_weight})")
 
 
 def check_pairs(rows: list[dict], path: str) -> None:
@@ -91,7 +96,8 @@ def train(cfg: PrefDPOConfig, writer: ProgressWriter, cancel: threading.Event) -
     args = DPOConfig(
         **trainer_args_kwargs(cfg),
         beta=cfg.beta,
-        loss_type=[cfg.loss_type],
+        loss_type=[cfg.loss_type] + (["sft"] if cfg.sft_weight else []),
+        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,
         label_smoothing=cfg.label_smoothing,
         max_length=cfg.max_length,
         disable_dropout=cfg.lora_dropout == 0,

@@ -21,8 +21,12 @@ from training.data import DataError, load_rows
 from training.modeling import load_model_for_training, lora_config, save_adapter, trainer_args_kwargs
 from training.progress import ProgressWriter, is_main_process
 
-KTO_RENAME = {"rewards/margins": "reward_margin", "rewards/chosen": "reward_desirable",
-              "rewards/rejected": "reward_undesirable", "kl": "kl"}  # fmt: skip
+KTO_RENAME = {
+    "rewards/margins": "reward_margin",
+    "rewards/chosen": "reward_desirable",
+    "rewards/rejected": "reward_undesirable",
+    "kl": "kl",
+}
 
 
 @dataclass
@@ -93,26 +97,43 @@ def train(cfg: PrefKTOConfig, writer: ProgressWriter, cancel: threading.Event) -
     weight_d, weight_u = label_weights(cfg, desirable, undesirable)
     model, tokenizer = load_model_for_training(cfg, "causal")
     args = KTOConfig(
-        **trainer_args_kwargs(cfg), beta=cfg.beta, desirable_weight=weight_d, undesirable_weight=weight_u,
-        max_length=cfg.max_length, disable_dropout=cfg.lora_dropout == 0,
-    )  # fmt: skip
+        **trainer_args_kwargs(cfg),
+        beta=cfg.beta,
+        desirable_weight=weight_d,
+        undesirable_weight=weight_u,
+        max_length=cfg.max_length,
+        disable_dropout=cfg.lora_dropout == 0,
+    )
     progress = ProgressCallback(writer, cancel, rename=KTO_RENAME)
     trainer = KTOTrainer(
-        model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
-        peft_config=None if cfg.init_adapter else lora_config(cfg), callbacks=[progress],
-    )  # fmt: skip
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(rows),
+        peft_config=None if cfg.init_adapter else lora_config(cfg),
+        callbacks=[progress],
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     adapter_dir = save_adapter(trainer.model, tokenizer, Path(cfg.out) / "adapter")
     last = progress.last
     metrics = {
-        "method": "kto", "steps": trainer.state.global_step, "train_rows": len(rows), "desirable": desirable,
-        "undesirable": undesirable, "desirable_weight": weight_d, "undesirable_weight": weight_u,
-        "loss": last.get("loss"), "reward_margin": last.get("reward_margin"), "kl": last.get("kl"),
-        "train_loss": progress.summary.get("train_loss"), "train_runtime": progress.summary.get("train_runtime"),
-        "base_version": cfg.base_version, "continued_from": cfg.init_adapter,
+        "method": "kto",
+        "steps": trainer.state.global_step,
+        "train_rows": len(rows),
+        "desirable": desirable,
+        "undesirable": undesirable,
+        "desirable_weight": weight_d,
+        "undesirable_weight": weight_u,
+        "loss": last.get("loss"),
+        "reward_margin": last.get("reward_margin"),
+        "kl": last.get("kl"),
+        "train_loss": progress.summary.get("train_loss"),
+        "train_runtime": progress.summary.get("train_runtime"),
+        "base_version": cfg.base_version,
+        "continued_from": cfg.init_adapter,
         "reference": "parent adapter (frozen copy)" if cfg.init_adapter else "base model (adapter disabled)",
-    }  # fmt: skip
+    }
     if not cancel.is_set() and cfg.before_after_prompts > 0 and is_main_process():
         del trainer, model
         metrics["before_after"] = run_before_after(cfg, adapter_dir, rows)

@@ -23,10 +23,11 @@ from storage.exporters import export_rows
 from storage.scores import load_score_file, save_scores, write_generations_to_score
 from storage.tallies import usable_pairs
 from training.children import Children
+from training.datamix import EXPORT_FORMATS, ROW_KINDS, resolve_method
 from training.files import write_jsonl
 from training.run_folder import end_event, log_tail, read_json, read_progress
 
-METHODS = ("dpo", "reward", "ppo")
+METHODS = ("dpo", "reward", "ppo", "kto", "sft", "sft_dpo", "auto")  # auto: training/datamix.py picks one
 MIN_PAIRS = 4  # below this a preference run learns nothing but noise
 
 
@@ -48,6 +49,7 @@ class RunStatus:
     snapshot_rows: int
     progress: list[dict] = field(default_factory=list)
     log_tail: str = ""
+    message: str = ""  # why Auto chose this method
 
     @property
     def last(self) -> dict:
@@ -125,6 +127,7 @@ class JobRunner:
         settings = dict(settings or {})
         if method not in METHODS:
             raise RunRejected(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        method, reason = resolve_method(self.store, method)  # 'auto' becomes dpo, kto or sft_dpo, with the reason
         validate_settings(method, settings)
         parent = self.store.get_version(parent_version)
         if parent is None or parent.get("kind", "policy") != "policy":
@@ -132,22 +135,23 @@ class JobRunner:
         if method == "ppo" and not settings.get("reward_model"):
             raise RunRejected("no reward model: train one first (method 'reward', or the reward → PPO chain)")
         rows, comparison_ids = self._snapshot_rows(method)
-        if method in ("dpo", "reward") and len(rows) < MIN_PAIRS:
+        if method != "ppo" and len(rows) < MIN_PAIRS:
             raise RunRejected(
-                f"only {len(rows)} usable preference pairs (A or B better, or an edited answer); "
-                f"label at least {MIN_PAIRS} before training"
+                f"only {len(rows)} usable {ROW_KINDS[method]}; label at least {MIN_PAIRS} before training"
             )
         with self._lock:  # the queue never sees the row before its folder is written
             run_id = self._insert_run(method, parent_version, len(rows))
             try:
-                self._write_run(run_id, method, settings, parent, parent_version, rows, comparison_ids, chain)
+                self._write_run(run_id, method, settings, parent, parent_version, rows, comparison_ids, chain, reason)
             except Exception as exc:  # a full disk, a bad folder: the row ends failed, the queue moves on
                 self._set(run_id, status="failed", error=f"its run folder could not be written: {exc}", end=True)
                 raise RunRejected(f"run {run_id} could not be prepared: {exc}") from exc
         self.tick()
         return run_id
 
-    def _write_run(self, run_id, method, settings, parent, parent_version, rows, comparison_ids, chain) -> None:
+    def _write_run(
+        self, run_id, method, settings, parent, parent_version, rows, comparison_ids, chain, reason
+    ) -> None:
         run_dir = self.runs_dir / f"run-{run_id:04d}-{method}"
         run_dir.mkdir(parents=True, exist_ok=True)
         data_path = run_dir / "data.jsonl"
@@ -169,7 +173,7 @@ class JobRunner:
             config["score_data"] = str(scored)
         (run_dir / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=True), encoding="utf-8")
         (run_dir / "trained_on.json").write_text(json.dumps(comparison_ids), encoding="utf-8")
-        meta = {"config": config, "chain": chain, "trained_on": len(comparison_ids)}
+        meta = {"config": config, "chain": chain, "trained_on": len(comparison_ids), "reason": reason}
         self._set(run_id, run_dir=str(run_dir), config=json.dumps(meta))
 
     def submit_chain(self, reward_settings: dict, ppo_settings: dict, parent_version: int = 0) -> int:
@@ -180,7 +184,7 @@ class JobRunner:
     def _snapshot_rows(self, method: str) -> tuple[list[dict], list[int]]:
         if method == "ppo":
             return _prompt_rows(self.store), []
-        rows = export_rows(self.store, "dpo" if method == "dpo" else "reward", with_ids=True)
+        rows = export_rows(self.store, EXPORT_FORMATS[method], with_ids=True)
         ids = sorted({int(r.pop("comparison_id")) for r in rows})
         return rows, ids
 
@@ -302,6 +306,7 @@ class JobRunner:
             snapshot_rows=row["snapshot_rows"] or 0,
             progress=read_progress(row["run_dir"] or "."),
             log_tail=log_tail(row["run_dir"] or "."),
+            message=json.loads(row["config"] or "{}").get("reason") or "",
         )
 
     def runs(self, limit: int = 20) -> list[dict]:

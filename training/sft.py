@@ -53,22 +53,32 @@ def fit(cfg: CommonConfig, rows: list[dict], writer: ProgressWriter, cancel: thr
 
     model, tokenizer = load_model_for_training(cfg, "causal")
     args = SFTConfig(
-        **trainer_args_kwargs(cfg), max_length=cfg.max_length, completion_only_loss=True, packing=False,
-    )  # fmt: skip
+        **trainer_args_kwargs(cfg),
+        max_length=cfg.max_length,
+        completion_only_loss=True,
+        packing=False,
+    )
     progress = ProgressCallback(writer, cancel, rename=SFT_RENAME)
     trainer = SFTTrainer(
-        model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
-        peft_config=None if cfg.init_adapter else lora_config(cfg), callbacks=[progress],
-    )  # fmt: skip
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(rows),
+        peft_config=None if cfg.init_adapter else lora_config(cfg),
+        callbacks=[progress],
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     save_adapter(trainer.model, tokenizer, adapter_dir)
     last = progress.last
     metrics = {
-        "steps": trainer.state.global_step, "train_rows": len(rows), "loss": last.get("loss"),
-        "token_accuracy": last.get("token_accuracy"), "train_loss": progress.summary.get("train_loss"),
+        "steps": trainer.state.global_step,
+        "train_rows": len(rows),
+        "loss": last.get("loss"),
+        "token_accuracy": last.get("token_accuracy"),
+        "train_loss": progress.summary.get("train_loss"),
         "train_runtime": progress.summary.get("train_runtime"),
-    }  # fmt: skip
+    }
     return metrics, trainer
 
 

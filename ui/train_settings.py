@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from labeling.services import UserError
 
-METHODS = {"DPO": "dpo", "Reward model": "reward", "PPO": "ppo", "Reward model → PPO": "chain"}
+METHODS = {
+    "DPO": "dpo",
+    "Auto": "auto",  # DPO, KTO or SFT → DPO from the mix of judgements (training/datamix.py); the run says why
+    "KTO": "kto",
+    "SFT": "sft",
+    "SFT → DPO": "sft_dpo",
+    "Reward model": "reward",
+    "PPO": "ppo",
+    "Reward model → PPO": "chain",
+}
 FIELDS = {  # name: (label, upper bound; a browser may not ask for more: it would hold the machine for hours)
     "max_steps": ("Max steps (empty: epochs decide)", 10_000),
     "learning_rate": ("Learning rate (empty: default)", 1.0),
@@ -62,8 +71,10 @@ def submit(runner, kind: str, settings: dict, parent_id: int) -> int:
         reward_settings = {k: v for k, v in settings.items() if k in REWARD_KEYS}
         ppo_settings = {k: v for k, v in settings.items() if k not in ("reward_model", "beta")}
         return runner.submit_chain(reward_settings, ppo_settings, parent_version=parent_id)
-    if kind == "dpo":
+    if kind in ("dpo", "auto", "kto", "sft_dpo"):
         settings = {k: v for k, v in settings.items() if k not in PPO_ONLY}
+    elif kind == "sft":
+        settings = {k: v for k, v in settings.items() if k not in PPO_ONLY and k != "beta"}
     elif kind == "reward":
         settings = {k: v for k, v in settings.items() if k in REWARD_KEYS}
     else:

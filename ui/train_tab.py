@@ -141,7 +141,8 @@ class TrainHandlers:
             run_id = submit(self.services.runner, METHODS[kind], parse_settings(form), parent_id)
         except (RunRejected, UserError, AccessDenied, KeyError, ValueError) as exc:
             return f"⚠️ Not started: {exc}", *self.overview(request=request)
-        return f"✓ Run #{run_id} started.", *self.overview(request=request)
+        why = self.services.runner.status(run_id).message  # Auto says which method it chose, and why
+        return f"✓ Run #{run_id} started.{' ' + why if why else ''}", *self.overview(request=request)
 
     def training_state(self, request: gr.Request = None):
         """The CPU Space notice and the toggle's state (on when an admin or PREFLOOP_ALLOW_TRAINING allowed it)."""
@@ -167,7 +168,7 @@ class TrainHandlers:
         if status is None:
             return hidden
         ended = status.status in ENDED
-        can_activate = status.status == "succeeded" and status.method in ("dpo", "ppo")
+        can_activate = status.status == "succeeded" and status.method != "reward"  # every other method: a policy
         return (
             _progress_html(status),
             _series(status.progress, ("loss", "policy_loss", "value_loss")),
@@ -242,9 +243,10 @@ def _progress_html(status) -> str:
     done = 100 if status.status == "succeeded" else (100 * step / total if total else 0)
     eta = last.get("eta")
     eta_text = f" · ETA {eta:.0f} s" if isinstance(eta, int | float) and status.status == "running" else ""
+    reason = f"<div class='run-reason'>{html.escape(status.message)}</div>" if status.message else ""  # Auto's pick
     return (
         f"<div id='run-progress'><b>Run #{status.id} ({html.escape(status.method)}): {html.escape(status.status)}"
-        f"</b> · step {step}/{total}{eta_text}"
+        f"</b> · step {step}/{total}{eta_text}{reason}"
         f"<div style='background:#ddd;height:12px;border-radius:6px'><div style='width:{done:.0f}%;height:12px;"
         f"background:#4a8;border-radius:6px'></div></div></div>"
     )
