@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--guidelines", default=env("PREFLOOP_GUIDELINES", "docs/guidelines.md"))
     parser.add_argument("--queue-size", type=int, default=int(env("PREFLOOP_QUEUE_SIZE", "8")), help="ready pairs")
-    parser.add_argument("--strategy", action="append", choices=["self", "versions"], help="pair strategies")
+    parser.add_argument("--strategy", action="append", choices=["self", "versions", "endpoint"], help="repeatable")
     parser.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "160")))
     parser.add_argument(
         "--engine-threads",
@@ -116,7 +116,7 @@ def create_services(args: argparse.Namespace, shutdown=None):
     queue = PairQueue(
         store, engine, target=args.queue_size, lease_minutes=args.lease_minutes,
         strategies=tuple(args.strategy or DEFAULT_STRATEGIES),
-        params=SamplingParams(max_new_tokens=args.max_new_tokens),
+        params=SamplingParams(max_new_tokens=args.max_new_tokens), endpoint=deploy.create_compare_side(args),
     )  # fmt: skip
     runner = JobRunner(store, runs_dir=args.runs_dir, base_model=args.model, model_cache=args.model_cache)
     guidelines = Path(args.guidelines).read_text(encoding="utf-8") if Path(args.guidelines).is_file() else ""
