@@ -23,6 +23,7 @@ from storage.backup import BackupScheduler, restore
 from storage.backup_hub import HubSync, HubSyncError
 
 ADAPTERS = "adapters"  # <backup folder>/adapters/<run folder>/ and the same path in the Hub repo
+SHUTDOWN_PUSH_SECONDS = 60  # the last push may take this long: a platform stopping the app kills it soon after
 
 
 class BackupStartError(RuntimeError):
@@ -37,7 +38,10 @@ class BackupSetup:
     relinked: list[int] = field(default_factory=list)  # model versions whose adapter path now points at a copy
 
     def stop(self) -> dict | None:
-        """The shutdown step: stop the thread, flush (and push) a last time, say what was written."""
+        """The shutdown step: stop the thread, flush (and push) a last time, say what was written. The flush comes
+        first and is local, so a push cut short still leaves every row in the backup folder."""
+        if self.hub is not None:
+            self.hub.deadline_s = min(self.hub.deadline_s, SHUTDOWN_PUSH_SECONDS)
         result = self.scheduler.stop(flush=True)
         if result is None:
             print(f"prefloop: the last backup failed: {self.scheduler.last_error}", file=sys.stderr, flush=True)
