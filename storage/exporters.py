@@ -3,6 +3,8 @@
 dpo, reward, kto and sft use only the *effective* comparisons (not superseded, choice A / B / tie / both_bad).
 Prompts are chat message lists and answers one-message assistant lists (TRL's conversational format), so a
 `dpo` file trains with `trl.DPOTrainer` as is. Rows come in comparison-id order, so an export is deterministic.
+A dpo / reward file is built and written by DuckDB (PAIR_ROWS, the same rows as `_pair_rows`), a chunk of
+comparisons at a time, so a million judgements never become Python objects.
 """
 
 from __future__ import annotations
@@ -38,20 +40,26 @@ def export(store, fmt: str, out: str | Path) -> int:
     out = Path(out)
     if out.suffix.lower() not in EXTENSIONS:
         raise ValueError(f"cannot export to {out.name!r}: the file name must end in {' or '.join(EXTENSIONS)}")
-    rows = export_rows(store, fmt)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
     os.close(handle)
     try:
-        if out.suffix.lower() == ".jsonl":
-            _write_jsonl(rows, Path(temp))
+        if fmt in ("dpo", "reward"):  # the big ones: built and written by DuckDB, never as Python objects
+            count = _write_pairs(store, fmt, Path(temp), out.suffix.lower())
         else:
-            _write_parquet(rows, fmt, Path(temp))
+            rows = export_rows(store, fmt)
+            if out.suffix.lower() == ".jsonl":
+                _write_jsonl(rows, Path(temp))
+            else:
+                _write_parquet(rows, fmt, Path(temp))
+            count = len(rows)
         os.replace(temp, out)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-    return len(rows)
+    return count
 
 
 def push_to_hub(store, fmt: str, repo: str) -> int:
@@ -96,6 +104,72 @@ def _raw_rows(store) -> list[dict]:
         row["prompt"] = json.loads(row["prompt"]) if row["prompt"] else None
         row["created_at"] = row["created_at"].isoformat() if row["created_at"] else None
     return rows
+
+
+# _pair_rows in SQL, for the comparisons with ids in [$lo, $hi]: per effective comparison (in id order) the clear
+# winner over the loser when their texts differ, then a non-blank edited answer over answer A, then over answer B,
+# when it differs from it (B only when B != A). {prompt} is the prompt column: JSON text, or structs for parquet.
+PAIR_ROWS = """
+SELECT id, k, prompt, good, bad FROM (
+    SELECT c.id, 0 AS k, {prompt} AS prompt, CASE c.choice WHEN 'A' THEN ga.text ELSE gb.text END AS good,
+           CASE c.choice WHEN 'A' THEN gb.text ELSE ga.text END AS bad
+    {judged} AND c.choice IN ('A', 'B') AND ga.text <> gb.text
+    UNION ALL
+    SELECT id, k, prompt, good, bad FROM (
+        SELECT c.id, {prompt} AS prompt, c.edited_answer AS edited, ga.text AS a, gb.text AS b
+        {judged} AND c.edited_answer IS NOT NULL AND regexp_matches(c.edited_answer, $not_blank)) edits,
+    LATERAL (SELECT 1 AS k, edited AS good, a AS bad WHERE a <> edited
+             UNION ALL SELECT 2, edited, b WHERE b <> edited AND b <> a))"""
+JUDGED = """FROM effective_comparisons c JOIN prompts p ON p.id = c.prompt_id
+    JOIN generations ga ON ga.id = c.generation_a JOIN generations gb ON gb.id = c.generation_b
+    WHERE c.id BETWEEN $lo AND $hi"""
+JSON_LINE = """'{"prompt": ' || prompt || ', "chosen": [{"role": "assistant", "content": ' || to_json(good)
+    || '}], "rejected": [{"role": "assistant", "content": ' || to_json(bad) || '}]}' || chr(10)"""  # the stored prompt
+PARQUET_COLUMNS = (
+    "prompt, [{'role': 'assistant', 'content': good}] AS chosen, [{'role': 'assistant', 'content': bad}] AS rejected"
+)
+PAIR_CHUNK = 50_000  # comparisons per query: sorting a few at a time is far cheaper than one sort of a million
+
+
+def _write_pairs(store, fmt: str, path: Path, suffix: str) -> int:
+    """dpo / reward rows (what _pair_rows makes) straight from DuckDB, PAIR_CHUNK comparisons per query: as JSON
+    lines (DuckDB's to_json), or Arrow batches cast to the fixed parquet schema. Returns the rows written."""
+    import pyarrow.parquet as pq
+
+    from storage.tallies import NOT_BLANK
+
+    jsonl, schema, count = suffix == ".jsonl", _schema(fmt), 0
+    prompt = "p.messages::VARCHAR" if jsonl else "p.messages::JSON::STRUCT(role VARCHAR, content VARCHAR)[]"
+    rows = PAIR_ROWS.format(prompt=prompt, judged=JUDGED)
+    sql = f"SELECT {JSON_LINE if jsonl else PARQUET_COLUMNS} FROM ({rows}) ORDER BY id, k"
+    with store.read() as cur, path.open("wb") if jsonl else pq.ParquetWriter(path, schema) as out:
+        cur.execute("BEGIN TRANSACTION READ ONLY")  # every chunk sees the same moment
+        starts = [row[0] for row in cur.execute(
+            "SELECT id FROM comparisons QUALIFY (row_number() OVER (ORDER BY id) - 1) % ? = 0 ORDER BY id",
+            [PAIR_CHUNK]).fetchall()]  # fmt: skip
+        ends = [start - 1 for start in starts[1:]] + [2**63 - 1] * bool(starts)
+        for lo, hi in zip(starts, ends, strict=True):
+            for batch in cur.sql(sql, params={"not_blank": NOT_BLANK, "lo": lo, "hi": hi}).to_arrow_reader(50_000):
+                if jsonl:
+                    out.write(_joined(batch.column(0)))
+                else:
+                    out.write_batch(batch.cast(schema))
+                count += batch.num_rows
+        cur.execute("ROLLBACK")
+    return count
+
+
+def _joined(lines) -> bytes | memoryview:
+    """The strings of an Arrow string column back to back: its data buffer as it is (no copy) when it has one."""
+    import pyarrow as pa
+
+    if lines.null_count == 0 and (pa.types.is_string(lines.type) or pa.types.is_large_string(lines.type)):
+        import numpy as np
+
+        width = np.int64 if pa.types.is_large_string(lines.type) else np.int32
+        offsets = np.frombuffer(lines.buffers()[1], dtype=width)[lines.offset : lines.offset + len(lines) + 1]
+        return memoryview(lines.buffers()[2])[int(offsets[0]) : int(offsets[-1])] if len(lines) else b""
+    return "".join(lines.to_pylist()).encode("utf-8")
 
 
 def _edit(text: str | None) -> str | None:
