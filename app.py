@@ -136,11 +136,16 @@ def create_services(args: argparse.Namespace, shutdown=None):
 
 
 def seed_prompts(store) -> None:
-    """A new database starts with a few dozen varied prompts so the first pairs exist before any import."""
+    """A new database starts with a few dozen varied prompts so the first pairs exist before any import. The kept
+    counts (storage/tallies.py) are then brought up to date in the background, ready for the first page."""
     from storage.importers import import_file
+    from storage.tallies import warm
 
-    if store.stats().get("prompts", 0) == 0:
+    with store.read() as cur:
+        empty = cur.execute("SELECT count(*) FROM prompts").fetchone()[0] == 0  # one count, not all of stats()
+    if empty:
         import_file(store, SEED_PROMPTS, fmt="txt")
+    warm(store)
 
 
 def _report_first_pair(services) -> None:

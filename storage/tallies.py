@@ -204,7 +204,16 @@ def usable_pairs(store) -> int:
 
 
 def warm(store) -> threading.Thread:
-    """Bring both tallies up to date in the background (the first count of a big store takes a while)."""
-    thread = threading.Thread(target=lambda: (stats(store), usable_pairs(store)), name="tallies-warm", daemon=True)
+    """Bring both tallies up to date in the background (the first count of a big store takes a while); a failure
+    (e.g. the store closed meanwhile) is left to the next caller, who counts on demand."""
+
+    def count() -> None:
+        try:
+            stats(store)
+            usable_pairs(store)
+        except Exception:  # noqa: BLE001 - a warm-up only
+            pass
+
+    thread = threading.Thread(target=count, name="tallies-warm", daemon=True)
     thread.start()
     return thread
