@@ -17,6 +17,7 @@ from typing import Any
 
 from storage.db import MAX_FIELD_CHARS, prompt_hash
 from storage.errors import ImportFailed
+from storage.import_bulk import bulk_import
 from storage.import_formats import FORMATS, PARSERS, PROMPT_FORMATS, Item, detect_format, require_object
 
 __all__ = ["FORMATS", "import_file", "read_records", "write_items"]
@@ -35,6 +36,9 @@ def import_file(store, path: str | Path, fmt: str = "auto", max_rows: int | None
     path = Path(path)
     if fmt != "auto" and fmt not in FORMATS:
         raise ImportFailed(path, f"unknown format {fmt!r}; formats known: auto, {', '.join(FORMATS)}")
+    done = bulk_import(store, path, fmt, max_rows)  # big trl / arena files, in bulk (storage/import_bulk.py)
+    if done is not None:
+        return done
     records = read_records(path, as_lines=fmt == "txt")
     if not records:
         raise ImportFailed(path, "no rows to import")

@@ -27,7 +27,7 @@ def write_generations_to_score(store, reward_model_id: int, path: str | Path, li
     never become Python objects). Returns how many; an empty result writes no file."""
     path = Path(path)
     with store.read() as cur:
-        count = cur.execute(f"SELECT count(*) FROM ({_unscored(limit)})", [reward_model_id]).fetchone()[0]
+        count = cur.execute(f"SELECT count(*) FROM ({_unscored(limit)})", [reward_model_id]).fetchall()[0][0]
         if count:
             target = str(path).replace("'", "''")
             cur.execute(f"COPY ({_unscored(limit)}) TO '{target}' (FORMAT json)", [reward_model_id])

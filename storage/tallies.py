@@ -110,13 +110,15 @@ class Tally:
             try:
                 high, rows, today = cur.execute(
                     "SELECT coalesce(max(id), 0), count(*), current_date::VARCHAR FROM comparisons"
-                ).fetchone()
+                ).fetchall()[0]
                 low = state["high"]
                 if low is not None and (high, rows) == (low, state["rows"]):
                     state["today"] = today
                     return  # nothing was added
                 above = None if low is None else cur.execute("SELECT count(*) FROM comparisons WHERE id > ?", [low])
-                if above is None or rows - above.fetchone()[0] != state["rows"]:  # first count, or rows appeared at or
+                if (
+                    above is None or rows - above.fetchall()[0][0] != state["rows"]
+                ):  # first count, or rows appeared at or
                     state.update(high=None, rows=0, counts={})  # below the watermark (a restore): from scratch
                     low = EVERYTHING
                 changes = self._measure(cur, low)
@@ -177,7 +179,7 @@ def stats(store) -> dict:
         sizes = cur.execute(
             "SELECT (SELECT count(*) FROM prompts), (SELECT count(*) FROM generations), "
             "(SELECT count(*) FROM pairs WHERE status = 'ready')"
-        ).fetchone()
+        ).fetchall()[0]
     return {
         "prompts": sizes[0],
         "generations": sizes[1],
