@@ -6,7 +6,7 @@ import random
 
 from storage.db import Store
 from storage.exporters import export_rows
-from storage.tallies import EVERYTHING, stats, tally, usable_pairs, vote_counts
+from storage.tallies import EVERYTHING, WHITESPACE, stats, tally, usable_pairs, vote_counts
 
 EFFECTIVE = """SELECT c.* FROM comparisons c WHERE c.choice IN ('A', 'B', 'tie', 'both_bad')
     AND NOT EXISTS (SELECT 1 FROM comparisons later WHERE later.supersedes = c.id)"""  # the first definition
@@ -119,3 +119,7 @@ def test_recent_comparisons_are_the_newest_effective_ones():
     assert [row["id"] for row in store.recent_comparisons(7)] == expected
     assert len(store.recent_comparisons(1000)) == counted_afresh(store)["comparisons"]
     store.close()
+
+
+def test_the_whitespace_set_is_what_str_strip_removes():
+    assert WHITESPACE == "".join(ch for ch in map(chr, range(0x110000)) if ch.isspace())
