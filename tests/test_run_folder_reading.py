@@ -41,3 +41,19 @@ def test_log_tail_reads_the_end_and_matches_reading_the_whole_file(tmp_path):
         assert log_tail(tmp_path, count) == "\n".join(whole[-count:])
     path.write_text("only line")
     assert log_tail(tmp_path) == "only line"
+
+
+def test_a_long_run_is_plotted_from_a_few_hundred_steps_every_eval_and_the_last_step():
+    from ui.train_tab import PLOT_POINTS, _series
+
+    events = [{"event": "start", "total": 20_000}]
+    for step in range(1, 20_001):
+        events.append({"event": "progress", "step": step, "loss": 1 / step})
+        if step % 5_000 == 0:
+            events.append({"event": "eval", "step": step, "loss": 2 / step})
+    frame = _series(events, ("loss",))
+    assert PLOT_POINTS <= len(frame) <= PLOT_POINTS + 10
+    assert frame["step"].iloc[-1] == 20_000 and list(frame["step"]) == sorted(frame["step"])
+    assert (frame["value"] == 2 / 5_000).any()  # eval points are all kept
+    short = _series(events[:50], ("loss",))
+    assert len(short) == 49  # a short run is plotted whole

@@ -17,6 +17,7 @@ from training.runner import RunRejected
 from ui.train_settings import FIELDS, METHODS, parse_settings, submit
 
 ENDED = ("succeeded", "failed", "cancelled")
+PLOT_POINTS = 500  # progress steps plotted per run at most (a long run is thinned evenly)
 BASIC = ("max_steps", "learning_rate", "beta")
 ADVANCED_ROWS = (("epochs", "batch_size", "max_length", "seed"), ("lora_r", "lora_alpha", "lora_dropout"),
                  ("total_episodes", "response_length", "kl_coef"))  # fmt: skip
@@ -255,12 +256,20 @@ def _progress_html(status) -> str:
 def _series(events: list[dict], keys: tuple[str, ...]) -> pd.DataFrame | None:
     rows = [
         {"step": e.get("step", 0), "metric": key, "value": float(e[key])}
-        for e in events
-        if e.get("event") in ("progress", "eval")
+        for e in _thinned(events)
         for key in keys
         if isinstance(e.get(key), int | float)
     ]
     return pd.DataFrame(rows) if rows else None
+
+
+def _thinned(events: list[dict]) -> list[dict]:
+    """Progress and eval events to plot: every eval, and at most about PLOT_POINTS progress steps evenly spread (the
+    last one always), so a 20,000-step run redraws every second as cheaply as a short one."""
+    progress = [i for i, e in enumerate(events) if e.get("event") == "progress"]
+    stride = max(1, -(-len(progress) // PLOT_POINTS))
+    kept = set(progress[::stride]) | set(progress[-1:])
+    return [e for i, e in enumerate(events) if i in kept or e.get("event") == "eval"]
 
 
 def _before_after(metrics: dict | None) -> pd.DataFrame | None:
