@@ -60,6 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--queue-max", type=int, default=int(env("PREFLOOP_QUEUE_MAX", "256")), help="requests waiting in Gradio"
     )
     parser.add_argument("--lease-minutes", type=float, default=float(env("PREFLOOP_LEASE_MINUTES", "10")))
+    arena = parser.add_argument_group("arena", "a new version is a candidate, judged against the serving one")
+    share = float(env("PREFLOOP_ARENA_SHARE", "0.25"))
+    arena.add_argument("--arena-share", type=float, default=share, help="share of new pairs that judge a candidate")
+    arena.add_argument("--gate-min-battles", type=int, default=int(env("PREFLOOP_GATE_MIN_BATTLES", "20")))
+    confidence = float(env("PREFLOOP_GATE_CONFIDENCE", "0.95"))
+    arena.add_argument("--gate-confidence", type=float, default=confidence, help="of the gate's CI on the win-rate")
+    auto = env("PREFLOOP_AUTO_PROMOTE", "").lower() in ("1", "true", "yes")
+    arena.add_argument("--auto-promote", action="store_true", default=auto, help="serve a candidate once it passes")
     from labeling.deploy import add_deploy_args, check_deploy_args
 
     add_deploy_args(parser)  # backups, a served model to compare with, the engine
@@ -102,6 +110,7 @@ def create_services(args: argparse.Namespace, shutdown=None):
     """Store, engine, pair queue and job runner, started; each registers its stop step with `shutdown`."""
     from generation.sampling import SamplingParams
     from labeling import deploy
+    from labeling.arena import GateRule, GateWatcher
     from labeling.pair_queue import PairQueue
     from labeling.services import Services
     from storage.db import Store
@@ -116,15 +125,19 @@ def create_services(args: argparse.Namespace, shutdown=None):
     queue = PairQueue(
         store, engine, target=args.queue_size, lease_minutes=args.lease_minutes,
         strategies=tuple(args.strategy or DEFAULT_STRATEGIES),
-        params=SamplingParams(max_new_tokens=args.max_new_tokens), endpoint=deploy.create_compare_side(args),
+        params=SamplingParams(max_new_tokens=args.max_new_tokens), arena_share=args.arena_share,
+        endpoint=deploy.create_compare_side(args),
     )  # fmt: skip
     runner = JobRunner(store, runs_dir=args.runs_dir, base_model=args.model, model_cache=args.model_cache)
     guidelines = Path(args.guidelines).read_text(encoding="utf-8") if Path(args.guidelines).is_file() else ""
-    services = Services(store, engine, queue, runner, guidelines=guidelines)
+    gate = GateRule(min_battles=args.gate_min_battles, confidence=args.gate_confidence)
+    services = Services(store, engine, queue, runner, guidelines=guidelines, gate=gate)
     services.training_switch = deploy.TrainingSwitch(store, cpu_space=deploy.on_cpu_space(engine))
     services.restore_active_version()
+    services.arena = GateWatcher(services, auto_promote=args.auto_promote)
     queue.start()
     runner.start()
+    services.arena.start()
     if shutdown is not None:  # stopped newest first: runner (ends its child), queue, engine, then the store
         shutdown.register("store", store.close)
         if backups is not None:  # the last flush: after the queue and the runner stopped, before the store closes
@@ -132,6 +145,7 @@ def create_services(args: argparse.Namespace, shutdown=None):
         shutdown.register("engine", engine.close)
         shutdown.register("pair queue", queue.stop)
         shutdown.register("training runner", lambda: runner.stop(cancel_running=True))
+        shutdown.register("arena gate", services.arena.stop)
     return services
 
 

@@ -11,7 +11,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labeling.arena import GateRule, judge, model_name
 from storage.db import CHOICES, canonical_messages
+from storage.promotions import candidates, serve, version_status
+from storage.ratings import battle_counts, head_to_head
 from storage.scores import comparison_scores
 from storage.tallies import vote_counts
 
@@ -43,6 +46,8 @@ class Services:
     queue: object
     runner: object
     guidelines: str = ""
+    gate: GateRule = field(default_factory=GateRule)  # the promotion gate (labeling/arena.py)
+    arena: object = None  # the GateWatcher, poked after votes
     training_switch: object = None  # labeling/deploy.py TrainingSwitch: off on a CPU Space until an admin allows
     _activate_lock: threading.Lock = field(default_factory=threading.Lock)
     _streaming: set[str] = field(default_factory=set)  # annotators with an own-prompt stream running
@@ -74,12 +79,15 @@ class Services:
         if len(edited) > MAX_EDIT_CHARS:
             raise UserError(f"The edited answer is over {MAX_EDIT_CHARS} characters.")
         try:
-            return self.queue.record_vote(
+            comparison_id = self.queue.record_vote(
                 pair_id, annotator, choice, rationale=rationale or None, edited_answer=edited or None,
                 time_spent_s=seconds,
             )  # fmt: skip
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        if self.arena is not None:
+            self.arena.poke()  # the gate looks again once this burst of votes is in
+        return comparison_id
 
     def pair_answer(self, pair_id, side: str, annotator: str) -> str:
         """The raw text of one side of a pair, for the person who holds its lease (nobody else may look it up)."""
@@ -132,28 +140,61 @@ class Services:
         return comparison_scores(self.store, [i for i in comparison_ids if i is not None])
 
     # ---- versions -----------------------------------------------------------------------------------------
-    def activate(self, version_id: int) -> str:
-        """Serve a model version from now on, without restarting: load its adapter, switch, refresh the queue."""
-        version = self.store.get_version(int(version_id))
+    def activate(self, version_id: int, actor: str | None = None) -> str:
+        """An admin serves a version from now on, without restarting, gate or not: a 'rollback' row when it served
+        before, else an 'override' row, each with its record against the version serving until now."""
+        version_id = int(version_id)
+        with self._activate_lock:
+            serving = self.engine.active_version
+            if version_id == serving:
+                self._serve(version_id)  # e.g. its adapter folder was replaced: load it again, no promotion
+                return f"Version {version_id} is already serving."
+            kind = "rollback" if version_status(self.store, version_id) == "retired" else "override"
+            record = head_to_head(self.store, model_name(version_id), model_name(serving), self.gate.confidence)
+            evidence = {"candidate": model_name(version_id), "against": model_name(serving), **record}
+            self._serve(version_id, serving, kind, evidence, actor)
+        return f"Version {version_id} is now serving ({kind}); new pairs come from it."
+
+    def promote(self, version_id: int | None = None, actor: str | None = None, auto: bool = False) -> str:
+        """Serve a candidate that passes the gate (default: the newest candidate); refused otherwise."""
+        with self._activate_lock:
+            serving = self.engine.active_version
+            waiting = [c["id"] for c in candidates(self.store) if c["id"] != serving]
+            if version_id is None and not waiting:
+                raise UserError("No candidate is waiting: train a policy version first.")
+            version_id = waiting[0] if version_id is None else int(version_id)
+            if version_id not in waiting:
+                raise UserError(f"Version {version_id} is not a candidate.")
+            verdict = judge(battle_counts(self.store), version_id, serving, self.gate)
+            if not verdict.passed:
+                raise UserError(f"Not promoted: {verdict.summary()}")
+            self._serve(version_id, serving, "auto" if auto else "gate", verdict.evidence(), actor)
+        return f"Version {version_id} is now serving (promoted by the gate). {verdict.summary()}"
+
+    def _serve(self, version_id: int, from_version: int | None = None, kind: str | None = None,
+               evidence: dict | None = None, actor: str | None = None) -> None:  # fmt: skip
+        """Load the adapter, switch the engine, remember it, log the promotion (`kind`), refresh the queue."""
+        version = self.store.get_version(version_id)
         if version is None or version.get("kind", "policy") != "policy":
             raise UserError(f"There is no policy version {version_id}.")
         if (wrong_base := other_base(self.store, version)) is not None:
             raise UserError(wrong_base)
-        with self._activate_lock:
-            if version.get("adapter_path"):
-                if not Path(version["adapter_path"]).is_dir():
-                    raise UserError(f"The adapter folder of version {version_id} is gone: {version['adapter_path']}")
-                self.engine.load_version(int(version_id), version["adapter_path"])
-            self.engine.set_active(int(version_id))
-            self.store.set_setting("active_version", str(version_id))
-            self.queue.on_version_change(int(version_id))
-        return f"Version {version_id} is now serving; new pairs come from it."
+        if version.get("adapter_path"):
+            if not Path(version["adapter_path"]).is_dir():
+                raise UserError(f"The adapter folder of version {version_id} is gone: {version['adapter_path']}")
+            self.engine.load_version(version_id, version["adapter_path"])
+        self.engine.set_active(version_id)
+        self.store.set_setting("active_version", str(version_id))
+        if kind is not None:
+            serve(self.store, version_id, from_version, kind, evidence or {}, actor)
+        self.queue.on_version_change(version_id)
 
     def restore_active_version(self) -> None:
         saved = self.store.get_setting("active_version")
         if saved and saved != "0":
             try:
-                self.activate(int(saved))
+                with self._activate_lock:
+                    self._serve(int(saved))
             except Exception as exc:  # another base (--model changed) or an adapter that no longer loads
                 print(f"warning: serving the base version: saved version {saved} cannot serve: {exc}", file=sys.stderr)
 

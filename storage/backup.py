@@ -10,10 +10,10 @@ A backup folder holds one subfolder per table and a manifest:
 
 Row tables only grow, with increasing ids (every write commits under the store's one write lock, so ids commit in
 order), so a flush writes the rows above the last high-water mark. The other tables (annotators, pairs,
-training_runs, model_versions, app_settings, reward_scores) are updated in place or keyed without a monotone id: a
-flush writes a full snapshot when their fingerprint changed, restore takes the newest, and only the newest
-KEEP_SNAPSHOTS stay on disk. Every shard is written to a hidden temp name and renamed, so a crash never leaves half
-a shard; each carries its own metadata, so the manifest can be rebuilt from the shards alone.
+training_runs, model_versions, app_settings, reward_scores, promotions) are updated in place or keyed without a
+monotone id: a flush writes a full snapshot when their fingerprint changed, restore takes the newest, and only the
+newest KEEP_SNAPSHOTS stay on disk. Every shard is written to a hidden temp name and renamed, so a crash never
+leaves half a shard; each carries its own metadata, so the manifest can be rebuilt from the shards alone.
 """
 
 from __future__ import annotations
@@ -34,9 +34,12 @@ log = logging.getLogger(__name__)
 
 ROW_TABLES = {"prompts": "id", "generations": "id", "comparisons": "id"}
 SNAPSHOT_TABLES = {"annotators": "name", "pairs": "id", "training_runs": "id", "model_versions": "id",
-                   "app_settings": "key", "reward_scores": "generation_id, reward_model_id"}  # fmt: skip
+                   "app_settings": "key", "reward_scores": "generation_id, reward_model_id",
+                   "promotions": "id"}  # fmt: skip
 TABLES = (*ROW_TABLES, *SNAPSHOT_TABLES)
-ID_TABLES = ("prompts", "generations", "pairs", "comparisons", "training_runs", "model_versions")  # have a sequence
+# the tables with an id sequence
+ID_TABLES = ("prompts", "generations", "pairs", "comparisons", "training_runs", "model_versions",
+             "promotions")  # fmt: skip
 NOT_BACKED_UP = ("migrations",)  # every new store applies its own migrations
 MANIFEST = "manifest.json"
 META_KEY = b"prefloop_backup"

@@ -87,7 +87,26 @@ def m005_effective_by_key(cur) -> None:
     )
 
 
-MIGRATIONS: list[Callable] = [m001_initial, m002_settings, m003_reward_scores, m005_effective_by_key]
+def m006_arena(cur) -> None:
+    """The arena: a policy version's lifecycle (`status`: a new one is a 'candidate' judged against the serving one
+    before it may serve; 'serving', 'retired' once something else serves, 'rejected' when judged clearly worse) and
+    one `promotions` row per change of the served version, with the evidence it was made on."""
+    cur.execute("ALTER TABLE model_versions ADD COLUMN status VARCHAR DEFAULT 'candidate'")
+    cur.execute(
+        """UPDATE model_versions SET status = CASE WHEN id = coalesce((SELECT try_cast(value AS INTEGER)
+                FROM app_settings WHERE key = 'active_version'), 0) THEN 'serving' ELSE 'retired' END
+            WHERE kind = 'policy'"""
+    )  # versions from before the arena were already served or servable: none waits for judgement
+    cur.execute("UPDATE model_versions SET status = NULL WHERE kind <> 'policy'")
+    cur.execute("CREATE SEQUENCE promotions_id_seq START 1")
+    cur.execute(
+        """CREATE TABLE promotions (
+            id INTEGER PRIMARY KEY, version_id INTEGER NOT NULL, from_version INTEGER, kind VARCHAR NOT NULL,
+            evidence JSON, actor VARCHAR, created_at TIMESTAMP NOT NULL DEFAULT now())"""
+    )  # kind: 'gate' (an admin promoted a candidate that passed), 'auto', 'override', 'rollback'
+
+
+MIGRATIONS: list[Callable] = [m001_initial, m002_settings, m003_reward_scores, m005_effective_by_key, m006_arena]
 
 
 def apply_migrations(con, migrations: list[Callable] | None = None) -> list[str]:

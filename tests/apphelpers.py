@@ -41,6 +41,8 @@ def running_app(tmp_path: Path, model_dir: Path, *extra: str, queue_size: int = 
         yield f"http://127.0.0.1:{port}/", services
     finally:
         demo.close()
+        if services.arena is not None:
+            services.arena.stop()
         services.queue.stop()
         services.runner.stop(cancel_running=True)
         services.engine.close()

@@ -22,12 +22,14 @@ from storage.backup import (
 )
 from storage.backup_hub import HubSyncError
 from storage.db import Store
+from storage.promotions import serve
 from storage.scores import save_scores
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
 def fill(store: Store, tag: str, votes: int = 3) -> None:
-    """A prompt, two answers, a pair, judgements (one undone), a model version, a run, settings and scores."""
+    """A prompt, two answers, a pair, judgements (one undone), a model version served (a promotions row), a run,
+    settings and scores."""
     prompt = store.add_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": tag}], "test")
     a = store.add_generation(prompt, f"{tag} answer A", model_version_id=0, params={"t": 0.7}, token_count=3)
     b = store.add_generation(prompt, f"{tag} answer B", model_name="other", latency_ms=12.5)
@@ -62,6 +64,7 @@ def fill(store: Store, tag: str, votes: int = 3) -> None:
         cur.execute("UPDATE training_runs SET status = 'succeeded', started_at = now()")
     version = store.add_version(base_model="tiny", adapter_path=f"runs/{tag}/adapter", metrics={"loss": 0.5})
     store.set_setting("active_version", str(version))
+    serve(store, version, 0, "override", {"wins": 1, "battles": 1}, "tester")  # a promotions row, status 'serving'
     save_scores(store, version, [(a, 0.25), (b, -1.0)])
 
 

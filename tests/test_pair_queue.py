@@ -201,6 +201,7 @@ def test_without_prompts_nothing_is_generated(tmp_path, engine):
 
 
 def test_versions_strategy_pairs_new_adapter_with_its_parent(store, engine, tiny_model_dir, tmp_path):
+    store.set_base_model(str(tiny_model_dir))  # the app's --model: an adapter of another base never pairs
     queue = PairQueue(store, engine, params=QUICK, strategies=("self", "versions"))
     with pytest.raises(ValueError, match="needs a trained policy version"):
         queue.generate_pairs(1, "versions")

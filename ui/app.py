@@ -1,4 +1,4 @@
-"""The Gradio app: `build_app(services, access)` wires the Label, Data and Train tabs and the named endpoints.
+"""The Gradio app: `build_app(services, access)` wires the Label, Data, Leaderboard and Train tabs and the API.
 
 Handlers are plain methods of small handler classes, one per tab; all state lives in the database, in
 per-session `gr.State` and (for the display name without logins) in the browser's localStorage. Tabs an
@@ -14,6 +14,7 @@ from labeling.services import Services
 from ui.api import register_api
 from ui.data_tab import build_data_tab
 from ui.label_tab import build_label_tab
+from ui.leaderboard_tab import build_leaderboard_tab
 from ui.train_tab import build_train_tab
 
 DEFAULT_UPLOAD_MAX_ROWS = 200_000  # one browser upload; the operator's CLI import has no cap
@@ -35,6 +36,8 @@ def build_app(
                 build_label_tab(services, access, demo)
         with gr.Tab("Data", elem_id="tab-data"):
             build_data_tab(services, access, demo, upload_max_rows or DEFAULT_UPLOAD_MAX_ROWS)
+        with gr.Tab("Leaderboard", elem_id="tab-leaderboard"):
+            build_leaderboard_tab(services, access, demo)
         with gr.Tab("Train", elem_id="tab-train"):
             train_note = gr.Markdown("", visible=False)
             with gr.Column(visible=False) as train_body:  # shown on load to admins

@@ -1,0 +1,92 @@
+"""Version lifecycle and the promotions log (migration m004_arena): the SQL of the arena, nothing else.
+
+`model_versions.status` of a policy: 'candidate' (trained, judged against the serving version before it may serve),
+'serving' (exactly one), 'retired' (served before, or trained before the arena existed), 'rejected' (judged clearly
+worse than the serving version). Every change of the served version is one `promotions` row: which version, from
+which, how ('gate' | 'auto' | 'override' | 'rollback'), the evidence (JSON) and who did it.
+"""
+
+from __future__ import annotations
+
+import json
+
+STATUSES = ("candidate", "serving", "retired", "rejected")
+PROMOTION_KINDS = ("gate", "auto", "override", "rollback")
+
+
+def serve(store, version_id: int, from_version: int | None, kind: str, evidence: dict, actor: str | None) -> int:
+    """Mark `version_id` serving (the one serving before retires) and log it, in one transaction; the row id."""
+    if kind not in PROMOTION_KINDS:
+        raise ValueError(f"a promotion is one of {', '.join(PROMOTION_KINDS)}, not {kind!r}")
+
+    def write(cur) -> int:
+        mark_serving(cur, version_id)
+        return cur.execute(
+            "INSERT INTO promotions (id, version_id, from_version, kind, evidence, actor) "
+            "VALUES (nextval('promotions_id_seq'), ?, ?, ?, ?, ?) RETURNING id",
+            [int(version_id), from_version, kind, json.dumps(evidence), actor],
+        ).fetchone()[0]
+
+    return int(store.write(write))
+
+
+def mark_serving(cur, version_id: int) -> None:
+    cur.execute(
+        "UPDATE model_versions SET status = 'retired' WHERE kind = 'policy' AND status = 'serving' AND id <> ?",
+        [int(version_id)],
+    )
+    cur.execute("UPDATE model_versions SET status = 'serving' WHERE id = ?", [int(version_id)])
+
+
+def set_status(store, version_id: int, status: str) -> None:
+    if status not in STATUSES:
+        raise ValueError(f"a version status is one of {', '.join(STATUSES)}, not {status!r}")
+    sql = "UPDATE model_versions SET status = ? WHERE id = ?"
+    store.write(lambda cur: cur.execute(sql, [status, int(version_id)]))
+
+
+def version_status(store, version_id: int) -> str | None:
+    with store.read() as cur:
+        row = cur.execute("SELECT status FROM model_versions WHERE id = ?", [int(version_id)]).fetchone()
+    return row[0] if row else None
+
+
+def candidates(store) -> list[dict]:
+    """Policy candidates with an adapter, newest first: [{"id", "parent_id", "adapter_path"}]. Only those trained on
+    the base model the app runs (version 0's base_model): an adapter does not fit another base."""
+    with store.read() as cur:
+        rows = cur.execute(
+            "SELECT id, parent_id, adapter_path FROM model_versions WHERE kind = 'policy' AND status = 'candidate' "
+            "AND adapter_path IS NOT NULL AND base_model = (SELECT base_model FROM model_versions WHERE id = 0) "
+            "ORDER BY id DESC"
+        ).fetchall()
+    return [{"id": int(r[0]), "parent_id": r[1], "adapter_path": r[2]} for r in rows]
+
+
+def promotions(store, limit: int = 50) -> list[dict]:
+    """The newest promotions first, evidence decoded."""
+    with store.read() as cur:
+        cur.execute(
+            "SELECT id, version_id, from_version, kind, evidence, actor, created_at FROM promotions "
+            "ORDER BY id DESC LIMIT ?",
+            [int(limit)],
+        )
+        names = [d[0] for d in cur.description]
+        rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    for row in rows:
+        row["evidence"] = json.loads(row["evidence"]) if row["evidence"] else {}
+    return rows
+
+
+def lineage(store) -> list[dict]:
+    """Every policy version with where it came from: id, status, parent, run, method, data size (comparisons it
+    was trained on), notes, created_at. Oldest first."""
+    with store.read() as cur:
+        cur.execute(
+            """SELECT v.id, v.status, v.parent_id, v.run_id, r.method,
+                      coalesce(json_array_length(v.trained_on), 0) AS trained_on, v.notes, v.created_at
+               FROM model_versions v LEFT JOIN training_runs r ON r.id = v.run_id
+               WHERE v.kind = 'policy' ORDER BY v.id"""
+        )
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
