@@ -263,3 +263,9 @@ def test_promote_button_is_for_admins_and_the_leaderboard_for_every_reader(tmp_p
         assert services.engine.active_version == candidate
         (row,) = promotions(services.store)
         assert (row["kind"], row["actor"], row["evidence"]["wins"]) == ("gate", "alice", 26)
+        _, output = rawhttp.call(admin, rawhttp.fn_index(cfg, "version-activate"), [0, None])  # back to the base
+        assert "is now serving (rollback)" in rawhttp.text_of(output) and services.engine.active_version == 0
+        back = promotions(services.store)[0]
+        fields = ("version_id", "from_version", "kind", "actor")
+        assert [back[k] for k in fields] == [0, candidate, "rollback", "alice"]
+        assert back["evidence"]["losses"] == 26  # the base's record against the version it replaces

@@ -192,18 +192,20 @@ class TrainHandlers:
 
     def activate_run(self, run_id, request: gr.Request):
         try:
-            self.access.require(request, "serve")
+            who = self.access.require(request, "serve")
             status = self.services.runner.status(int(run_id)) if run_id is not None else None
             if not status or status.result_version is None:
                 raise UserError("This run has no model version to activate.")
-            return self.services.activate(status.result_version), *self.overview(run_id, request=request)
+            done = self.services.activate(status.result_version, actor=who.name or "admin")  # an override row
+            return done, *self.overview(run_id, request=request)
         except (UserError, AccessDenied, ValueError) as exc:
             return f"⚠️ {exc}", *self.overview(run_id, request=request)
 
     def serve_version(self, version_id, picked, request: gr.Request):
         try:
-            self.access.require(request, "serve")
-            return self.services.activate(int(version_id)), *self.overview(picked, request=request)
+            who = self.access.require(request, "serve")
+            done = self.services.activate(int(version_id), actor=who.name or "admin")  # override or rollback row
+            return done, *self.overview(picked, request=request)
         except (UserError, AccessDenied, TypeError, ValueError) as exc:
             return f"⚠️ {exc}", *self.overview(picked, request=request)
 
@@ -226,7 +228,8 @@ def _versions_table(versions: list[dict], active: int) -> pd.DataFrame:
     return pd.DataFrame(
         [
             {"version": v["id"], "kind": v.get("kind"), "parent": v.get("parent_id"), "run": v.get("run_id"),
-             "serving": v["id"] == active, "notes": v.get("notes"), "created": str(v.get("created_at"))}
+             "serving": v["id"] == active, "status": v.get("status"), "notes": v.get("notes"),
+             "created": str(v.get("created_at"))}
             for v in versions
         ]
     )  # fmt: skip
