@@ -42,8 +42,14 @@ class OpenAICompatibleBackend:
     server-sent events (`data: {...choices[0].delta.content...}` lines until `data: [DONE]`). `timeout` bounds the
     whole answer, not only each read. `submit` runs requests on a few worker threads and returns futures."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = HTTP_TIMEOUT_SECONDS,
-                 stream: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = HTTP_TIMEOUT_SECONDS,
+        stream: bool = False,
+    ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"the backend URL must start with http:// or https://, not {base_url!r}")
         root = base_url.rstrip("/")
@@ -63,8 +69,10 @@ class OpenAICompatibleBackend:
         future: Future = Future()
         with self._pool_lock:
             if not self._workers:
-                self._workers = [threading.Thread(target=self._work, name="openai-backend", daemon=True)
-                                 for _ in range(MAX_PARALLEL_REQUESTS)]  # fmt: skip
+                self._workers = [
+                    threading.Thread(target=self._work, name="openai-backend", daemon=True)
+                    for _ in range(MAX_PARALLEL_REQUESTS)
+                ]
                 for worker in self._workers:
                     worker.start()
             self._jobs.put((future, messages, params))

@@ -31,8 +31,15 @@ ACTIONS = {
     "export": ("admin",),
     "see_all": ("admin",),  # everyone's rationales and edits
 }
-ACTION_NAMES = {"label": "Labeling", "read": "Reading", "train": "Training", "serve": "Serving a version",
-                "import": "Import", "export": "Export", "see_all": "Seeing everyone's rationales"}  # fmt: skip
+ACTION_NAMES = {
+    "label": "Labeling",
+    "read": "Reading",
+    "train": "Training",
+    "serve": "Serving a version",
+    "import": "Import",
+    "export": "Export",
+    "see_all": "Seeing everyone's rationales",
+}
 NAME_RULE = re.compile(r"^[^<>\r\n\t]{1,64}$")  # the annotator-name rule of labeling.services
 
 

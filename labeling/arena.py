@@ -56,16 +56,23 @@ class Verdict:
 
     def evidence(self) -> dict:
         """What a promotions row keeps: the record, the rule and the decision."""
-        return {"candidate": model_name(self.candidate), "against": model_name(self.serving), **self.record,
-                **asdict(self.rule), "decision": self.decision}  # fmt: skip
+        return {
+            "candidate": model_name(self.candidate),
+            "against": model_name(self.serving),
+            **self.record,
+            **asdict(self.rule),
+            "decision": self.decision,
+        }
 
     def summary(self) -> str:
         r, c, s = self.record, model_name(self.candidate), model_name(self.serving)
         if not r["battles"]:
             return f"{c} has no battles against {s} yet (the gate needs {self.rule.min_battles})."
         level = f"{self.rule.confidence:.0%}"
-        line = (f"{c} vs {s}: {r['wins']} wins, {r['losses']} losses, {r['ties']} ties in {r['battles']} battles; "
-                f"win-rate {r['win_rate']:.0%} ({level} CI {r['ci_low']:.0%}–{r['ci_high']:.0%}).")  # fmt: skip
+        line = (
+            f"{c} vs {s}: {r['wins']} wins, {r['losses']} losses, {r['ties']} ties in {r['battles']} battles; "
+            f"win-rate {r['win_rate']:.0%} ({level} CI {r['ci_low']:.0%}–{r['ci_high']:.0%})."
+        )
         if self.decision == "promote":
             return f"{line} Passes the gate: the CI is above 50 %."
         if self.decision == "reject":

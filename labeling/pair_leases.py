@@ -107,11 +107,14 @@ class LeaseDesk:
             sql = f"SELECT count(*) FROM pairs p WHERE {AVAILABLE} AND p.strategy <> 'own' AND {kinds}"
             counts = {None: cur.execute(sql, [now, *kind_args]).fetchone()[0]}
             if names:
-                counts |= dict(cur.execute(
-                    f"""SELECT n.name, count(p.id) FROM (SELECT unnest(?::VARCHAR[]) AS name) n LEFT JOIN pairs p
+                counts |= dict(
+                    cur.execute(
+                        f"""SELECT n.name, count(p.id) FROM (SELECT unnest(?::VARCHAR[]) AS name) n LEFT JOIN pairs p
                         ON {kinds} AND ((p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ?)
                         OR ({AVAILABLE} AND (p.strategy <> 'own' OR p.leased_to = n.name) AND {UNSEEN})) GROUP BY 1""",
-                    [names, *kind_args, now, now]).fetchall())  # fmt: skip
+                        [names, *kind_args, now, now],
+                    ).fetchall()
+                )
         return counts
 
     def undo(self, annotator: str) -> int | None:
@@ -136,8 +139,15 @@ class LeaseDesk:
             )
         return int(row[0])
 
-    def vote(self, pair_id: int, annotator: str, choice: str, rationale: str | None = None,
-             edited_answer: str | None = None, time_spent_s: float | None = None) -> int:  # fmt: skip
+    def vote(
+        self,
+        pair_id: int,
+        annotator: str,
+        choice: str,
+        rationale: str | None = None,
+        edited_answer: str | None = None,
+        time_spent_s: float | None = None,
+    ) -> int:
         """Validate, then store the vote with its pair change (see PairQueue.record_vote); the comparison id."""
         check_judgement(choice, rationale, edited_answer)
         return self._requests.run(
@@ -188,9 +198,14 @@ class LeaseDesk:
     def _vote_batch(self, cur, votes: list[Vote], now: datetime) -> tuple[list[int | ValueError], dict]:
         """Check each vote against its pair and insert the accepted comparisons (one INSERT). Returns the results
         (comparison id or the error) and the pair changes {id: (status, leased_to, lease_expires)}."""
-        pairs = {row[0]: row[1:] for row in cur.execute(
-            "SELECT id, status, leased_to, lease_expires, prompt_id, generation_a, generation_b, strategy FROM pairs "
-            "WHERE list_contains(?, id)", [[v.pair_id for v in votes]]).fetchall()}  # fmt: skip
+        pairs = {
+            row[0]: row[1:]
+            for row in cur.execute(
+                "SELECT id, status, leased_to, lease_expires, prompt_id, generation_a, generation_b, strategy "
+                "FROM pairs WHERE list_contains(?, id)",
+                [[v.pair_id for v in votes]],
+            ).fetchall()
+        }
         changes, accepted, results = {}, [], []
         for vote in votes:
             state = changes.get(vote.pair_id, pairs.get(vote.pair_id))
@@ -224,9 +239,19 @@ class LeaseDesk:
             return ValueError(f"pair {vote.pair_id} is not leased to {vote.annotator}: ask for the next pair")
         if expires is not None and expires <= now:
             minutes = self.lease.total_seconds() / 60
-            return ValueError(f"your lease on pair {vote.pair_id} expired (leases last {minutes:g} minutes); "
-                              "ask for the next pair")  # fmt: skip
+            return ValueError(
+                f"your lease on pair {vote.pair_id} expired (leases last {minutes:g} minutes); ask for the next pair"
+            )
         return None
+
+    def holder(self, pair_id: int) -> str | None:
+        """Who holds an unexpired lease on this pair (None: nobody, or no such pair)."""
+        with self.store.read() as cur:
+            row = cur.execute(
+                "SELECT leased_to FROM pairs WHERE id = ? AND status = 'leased' AND lease_expires > ?",
+                [int(pair_id), utc_now()],
+            ).fetchone()
+        return row[0] if row else None
 
     def views(self, pair_ids: list[int]) -> dict[int, dict]:
         """What the page shows of each pair, read in one query."""

@@ -47,8 +47,17 @@ class _InFlight:
 
 
 class PairQueue:
-    def __init__(self, store, engine, target: int = 8, lease_minutes: float = 10, strategies=("self",),
-                 params: SamplingParams = SamplingParams(), arena_share: float = 0.25, endpoint=None):  # fmt: skip
+    def __init__(
+        self,
+        store,
+        engine,
+        target: int = 8,
+        lease_minutes: float = 10,
+        strategies=("self",),
+        params: SamplingParams = SamplingParams(),
+        arena_share: float = 0.25,
+        endpoint=None,
+    ):
         unknown = set(strategies) - set(STRATEGIES)
         if unknown or not strategies:
             raise ValueError(f"strategies must be among {', '.join(STRATEGIES)}, not {sorted(unknown) or 'none'}")
@@ -182,8 +191,10 @@ class PairQueue:
                 return []
             candidate, opponents = pair
             params = dataclasses.replace(self.params, seed=secrets.randbelow(SEED_RANGE))  # same seed for both
-            plans = [(pid, m, (params, params), tuple(self._rng.sample((candidate, self._rng.choice(opponents)), 2)))
-                     for pid, m in prompts]  # fmt: skip
+            plans = [
+                (pid, m, (params, params), tuple(self._rng.sample((candidate, self._rng.choice(opponents)), 2)))
+                for pid, m in prompts
+            ]
         items = []
         for prompt_id, messages, (params_a, params_b), (version_a, version_b) in plans:
             try:  # a prompt over the context is cut to fit (the oldest text goes); one that still fails is set aside
@@ -227,10 +238,15 @@ class PairQueue:
 
     def _add_generation(self, cur, prompt_id: int, gen: Generation) -> int:
         return self.store.add_generation(
-            prompt_id, gen.text, model_version_id=gen.version, model_name=gen.model_name,
+            prompt_id,
+            gen.text,
+            model_version_id=gen.version,
+            model_name=gen.model_name,
             params={**gen.params.to_dict(), "finish_reason": gen.finish_reason},  # "length": cut at the token limit
-            token_count=gen.token_count, latency_ms=gen.latency_ms, cur=cur,
-        )  # fmt: skip
+            token_count=gen.token_count,
+            latency_ms=gen.latency_ms,
+            cur=cur,
+        )
 
     def _insert_pair(self, cur, prompt_id, strategy, gen_ids, status, leased_to=None, lease_expires=None) -> int:
         return cur.execute(
@@ -306,8 +322,15 @@ class PairQueue:
             self.wake()  # an available pair was taken: the refill may top up
         return view
 
-    def record_vote(self, pair_id: int, annotator: str, choice: str, rationale: str | None = None,
-                    edited_answer: str | None = None, time_spent_s: float | None = None) -> int:  # fmt: skip
+    def record_vote(
+        self,
+        pair_id: int,
+        annotator: str,
+        choice: str,
+        rationale: str | None = None,
+        edited_answer: str | None = None,
+        time_spent_s: float | None = None,
+    ) -> int:
         """Store a judgement of a pair leased to `annotator` (returns the comparison id). A skip is stored too (this
         person never sees the pair again) and puts the pair back to 'ready' for others; any other choice ends it.
         Refused with ValueError: an unknown pair, a pair not leased to this person, an expired lease, a judged pair."""
@@ -316,13 +339,7 @@ class PairQueue:
         return comparison_id
 
     def lease_holder(self, pair_id: int) -> str | None:
-        """Who holds an unexpired lease on this pair (None: nobody, or no such pair)."""
-        with self.store.read() as cur:
-            row = cur.execute(
-                "SELECT leased_to FROM pairs WHERE id = ? AND status = 'leased' AND lease_expires > ?",
-                [int(pair_id), self._now()],
-            ).fetchone()
-        return row[0] if row else None
+        return self._desk.holder(pair_id)
 
     def pair_view(self, pair_id: int) -> dict:
         return self._desk.views([pair_id])[pair_id]
@@ -357,11 +374,18 @@ class PairQueue:
         available = self._available_by_strategy()
         with self.store.read() as cur:
             statuses = dict(cur.execute("SELECT status, count(*) FROM pairs GROUP BY 1").fetchall())
-        return {"ready": sum(available.values()), "generating": sum(generating.values()), "target": self.target,
-                "leased": statuses.get("leased", 0), "done": statuses.get("done", 0),
-                "per_strategy": {s: {"ready": available.get(s, 0), "generating": generating.get(s, 0)}
-                                 for s in self.strategies},
-                "error": self.last_error, "endpoint": self.endpoint.status() if self.endpoint else None}  # fmt: skip
+        return {
+            "ready": sum(available.values()),
+            "generating": sum(generating.values()),
+            "target": self.target,
+            "leased": statuses.get("leased", 0),
+            "done": statuses.get("done", 0),
+            "per_strategy": {
+                s: {"ready": available.get(s, 0), "generating": generating.get(s, 0)} for s in self.strategies
+            },
+            "error": self.last_error,
+            "endpoint": self.endpoint.status() if self.endpoint else None,
+        }
 
     def _available_by_strategy(self) -> dict[str, int]:
         with self.store.read() as cur:

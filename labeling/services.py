@@ -31,8 +31,10 @@ def other_base(store, version: dict) -> str | None:
         return None
     if Path(base).is_dir() and Path(trained_on).is_dir() and Path(base).resolve() == Path(trained_on).resolve():
         return None
-    return (f"Version {version['id']} was trained on the base model {trained_on}, but this app runs {base}: "
-            f"start it with --model {trained_on} to serve it.")  # fmt: skip
+    return (
+        f"Version {version['id']} was trained on the base model {trained_on}, but this app runs {base}: "
+        f"start it with --model {trained_on} to serve it."
+    )
 
 
 class UserError(ValueError):
@@ -80,9 +82,13 @@ class Services:
             raise UserError(f"The edited answer is over {MAX_EDIT_CHARS} characters.")
         try:
             comparison_id = self.queue.record_vote(
-                pair_id, annotator, choice, rationale=rationale or None, edited_answer=edited or None,
+                pair_id,
+                annotator,
+                choice,
+                rationale=rationale or None,
+                edited_answer=edited or None,
                 time_spent_s=seconds,
-            )  # fmt: skip
+            )
         except ValueError as exc:
             raise UserError(str(exc)) from None
         if self.arena is not None:
@@ -171,8 +177,14 @@ class Services:
             self._serve(version_id, serving, "auto" if auto else "gate", verdict.evidence(), actor)
         return f"Version {version_id} is now serving (promoted by the gate). {verdict.summary()}"
 
-    def _serve(self, version_id: int, from_version: int | None = None, kind: str | None = None,
-               evidence: dict | None = None, actor: str | None = None) -> None:  # fmt: skip
+    def _serve(
+        self,
+        version_id: int,
+        from_version: int | None = None,
+        kind: str | None = None,
+        evidence: dict | None = None,
+        actor: str | None = None,
+    ) -> None:
         """Load the adapter, switch the engine, remember it, log the promotion (`kind`), refresh the queue."""
         version = self.store.get_version(version_id)
         if version is None or version.get("kind", "policy") != "policy":

@@ -33,13 +33,18 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 ROW_TABLES = {"prompts": "id", "generations": "id", "comparisons": "id"}
-SNAPSHOT_TABLES = {"annotators": "name", "pairs": "id", "training_runs": "id", "model_versions": "id",
-                   "app_settings": "key", "reward_scores": "generation_id, reward_model_id",
-                   "promotions": "id"}  # fmt: skip
+SNAPSHOT_TABLES = {
+    "annotators": "name",
+    "pairs": "id",
+    "training_runs": "id",
+    "model_versions": "id",
+    "app_settings": "key",
+    "reward_scores": "generation_id, reward_model_id",
+    "promotions": "id",
+}
 TABLES = (*ROW_TABLES, *SNAPSHOT_TABLES)
 # the tables with an id sequence
-ID_TABLES = ("prompts", "generations", "pairs", "comparisons", "training_runs", "model_versions",
-             "promotions")  # fmt: skip
+ID_TABLES = ("prompts", "generations", "pairs", "comparisons", "training_runs", "model_versions", "promotions")
 NOT_BACKED_UP = ("migrations",)  # every new store applies its own migrations
 MANIFEST = "manifest.json"
 META_KEY = b"prefloop_backup"
@@ -157,8 +162,12 @@ class Backup:
                         self.folder / MANIFEST, lambda temp: temp.write_text(manifest, encoding="utf-8")
                     )
             seconds = round(time.monotonic() - started, 3)
-            return {"flush": number if written else None, "rows": written, "seconds": seconds,
-                    "not_backed_up": unknown}  # fmt: skip
+            return {
+                "flush": number if written else None,
+                "rows": written,
+                "seconds": seconds,
+                "not_backed_up": unknown,
+            }
 
     def _plan(self, cur) -> list[tuple[str, dict]]:
         """(table, what to write) for every table with something new; BackupError when the database is behind."""
@@ -173,8 +182,18 @@ class Backup:
             after = done.get("high_water", 0)
             top, new = _one(cur, f"SELECT coalesce(max({key}), 0), count(*) FILTER ({key} > ?) FROM {table}", [after])
             if new:
-                plan.append((table, {"kind": "rows", "rows": new, "after": after, "high_water": top,
-                                     "created_at": _created_at(cur, table, top)}))  # fmt: skip
+                plan.append(
+                    (
+                        table,
+                        {
+                            "kind": "rows",
+                            "rows": new,
+                            "after": after,
+                            "high_water": top,
+                            "created_at": _created_at(cur, table, top),
+                        },
+                    )
+                )
         for table in SNAPSHOT_TABLES:
             rows, fingerprint = _fingerprint(cur, table)
             if fingerprint != self.state["tables"].get(table, {}).get("fingerprint", EMPTY):
@@ -272,9 +291,14 @@ def _insert_shards(cur, table: str, paths: list[Path], replace: bool) -> None:
     if replace:
         cur.execute(f"INSERT OR REPLACE INTO {table} ({columns}) {rows}")
         return
-    unique = [key.split(", ")] + [r[0] for r in cur.execute(
-        "SELECT constraint_column_names FROM duckdb_constraints() WHERE table_name = ? AND constraint_type = 'UNIQUE'",
-        [table]).fetchall()]  # fmt: skip
+    unique = [key.split(", ")] + [
+        r[0]
+        for r in cur.execute(
+            "SELECT constraint_column_names FROM duckdb_constraints() "
+            "WHERE table_name = ? AND constraint_type = 'UNIQUE'",
+            [table],
+        ).fetchall()
+    ]
     clashes = " OR ".join(
         "EXISTS (SELECT 1 FROM {} t WHERE {})".format(table, " AND ".join(f"t.{c} = s.{c}" for c in names))
         for names in unique
@@ -285,8 +309,12 @@ def _insert_shards(cur, table: str, paths: list[Path], replace: bool) -> None:
 def _advance_sequences(cur) -> None:
     """Move each <table>_id_seq past the table's largest id (DuckDB cannot ALTER a sequence: drop and recreate it;
     no column DEFAULT uses them, ids are given with nextval() in the INSERTs)."""
-    following = dict(cur.execute("SELECT sequence_name, coalesce(last_value + 1, start_value) FROM duckdb_sequences() "
-                                 "WHERE schema_name = 'main'").fetchall())  # fmt: skip
+    following = dict(
+        cur.execute(
+            "SELECT sequence_name, coalesce(last_value + 1, start_value) FROM duckdb_sequences() "
+            "WHERE schema_name = 'main'"
+        ).fetchall()
+    )
     for table in ID_TABLES:
         sequence = f"{table}_id_seq"
         start = int(_one(cur, f"SELECT coalesce(max(id), 0) + 1 FROM {table}")[0])
@@ -303,8 +331,14 @@ class BackupScheduler:
     Call stop(flush=True) on the app's shutdown path (SIGTERM): it flushes and pushes
     once more. `extra()` gives {path in repo: local folder} uploaded with each push (e.g. training adapters)."""
 
-    def __init__(self, store, folder: str | Path, every_s: float = 300, hub=None,
-                 extra: Callable[[], Mapping[str, str | Path]] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        store,
+        folder: str | Path,
+        every_s: float = 300,
+        hub=None,
+        extra: Callable[[], Mapping[str, str | Path]] | None = None,
+    ):
         if every_s <= 0:
             raise ValueError("every_s must be positive")
         self.backup, self.every_s, self.hub, self.extra = Backup(store, folder), every_s, hub, extra

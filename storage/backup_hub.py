@@ -25,8 +25,17 @@ class HubSyncError(RuntimeError):
 class HubSync:
     """A backup folder and a dataset repo: pull() at start (before restore), push() after flushes."""
 
-    def __init__(self, repo_id: str, folder: str | Path, token: str | None, *, endpoint: str | None = None,
-                 private: bool = True, timeout_s: float = 15, deadline_s: float = 900):  # fmt: skip
+    def __init__(
+        self,
+        repo_id: str,
+        folder: str | Path,
+        token: str | None,
+        *,
+        endpoint: str | None = None,
+        private: bool = True,
+        timeout_s: float = 15,
+        deadline_s: float = 900,
+    ):
         from huggingface_hub import HfApi, constants
 
         self.repo_id, self.folder, self.token, self.private = repo_id, Path(folder), token, private
@@ -49,9 +58,17 @@ class HubSync:
         if not self._exists("pull"):
             return {"repo": self.repo_id, "exists": False, "shards": 0}
         patterns = [*SHARD_PATTERNS, *(f"{prefix.strip('/')}/**" for prefix in prefixes)]
-        self._bounded("pull", snapshot_download, self.repo_id, repo_type="dataset", local_dir=self.folder,
-                      token=self.token, endpoint=self.endpoint, allow_patterns=patterns,
-                      etag_timeout=self.timeout_s)  # fmt: skip
+        self._bounded(
+            "pull",
+            snapshot_download,
+            self.repo_id,
+            repo_type="dataset",
+            local_dir=self.folder,
+            token=self.token,
+            endpoint=self.endpoint,
+            allow_patterns=patterns,
+            etag_timeout=self.timeout_s,
+        )
         shards = sum(len(list_shards(self.folder, table)) for table in TABLES)
         return {"repo": self.repo_id, "exists": True, "shards": shards}
 
@@ -59,8 +76,9 @@ class HubSync:
         """Upload the folder's shards and manifest (creating the repo when missing; deleting there the snapshots
         pruned here), then each extra local folder under its path in the repo. Returns the commit urls."""
         if not self._exists("push"):
-            self._bounded("push", self.api.create_repo, self.repo_id, repo_type="dataset", private=self.private,
-                          exist_ok=True)  # fmt: skip
+            self._bounded(
+                "push", self.api.create_repo, self.repo_id, repo_type="dataset", private=self.private, exist_ok=True
+            )
         pruned = load_state(self.folder).get("pruned") or None
         commits = [self._upload(self.folder, "", allow_patterns=[MANIFEST, *SHARD_PATTERNS], delete_patterns=pruned)]
         for prefix, local in (extra or {}).items():
@@ -70,9 +88,16 @@ class HubSync:
 
     def _upload(self, folder: Path, path_in_repo: str, **patterns) -> str | None:
         """One upload_folder commit (none when nothing changed); its url."""
-        info = self._bounded("push", self.api.upload_folder, repo_id=self.repo_id, folder_path=folder,
-                             path_in_repo=path_in_repo, repo_type="dataset", commit_message="prefloop backup",
-                             **patterns)  # fmt: skip
+        info = self._bounded(
+            "push",
+            self.api.upload_folder,
+            repo_id=self.repo_id,
+            folder_path=folder,
+            path_in_repo=path_in_repo,
+            repo_type="dataset",
+            commit_message="prefloop backup",
+            **patterns,
+        )
         return getattr(info, "commit_url", None)
 
     def _exists(self, what: str) -> bool:

@@ -60,8 +60,20 @@ def prompt_hash(messages: list[dict]) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-COMPARISON_COLUMNS = ("pair_id", "prompt_id", "generation_a", "generation_b", "annotator", "choice", "rationale",
-                      "edited_answer", "time_spent_s", "source", "supersedes", "dedupe_key")  # fmt: skip
+COMPARISON_COLUMNS = (
+    "pair_id",
+    "prompt_id",
+    "generation_a",
+    "generation_b",
+    "annotator",
+    "choice",
+    "rationale",
+    "edited_answer",
+    "time_spent_s",
+    "source",
+    "supersedes",
+    "dedupe_key",
+)
 
 
 class Store:
@@ -136,9 +148,18 @@ class Store:
 
         return self.write(insert, cur)
 
-    def add_generation(self, prompt_id: int, text: str, *, model_version_id: int | None = None,
-                       model_name: str | None = None, params: dict | None = None, token_count: int | None = None,
-                       latency_ms: float | None = None, cur=None) -> int:  # fmt: skip
+    def add_generation(
+        self,
+        prompt_id: int,
+        text: str,
+        *,
+        model_version_id: int | None = None,
+        model_name: str | None = None,
+        params: dict | None = None,
+        token_count: int | None = None,
+        latency_ms: float | None = None,
+        cur=None,
+    ) -> int:
         if not isinstance(text, str):
             raise ValueError("a generation's text must be a string")
         if len(text) > MAX_FIELD_CHARS:
@@ -160,15 +181,40 @@ class Store:
         self.write(lambda c: c.execute("INSERT INTO annotators (name) VALUES (?) ON CONFLICT DO NOTHING", [name]), cur)
 
     # ---- comparisons --------------------------------------------------------------------------------------
-    def add_comparison(self, *, prompt_id: int, generation_a: int, generation_b: int, annotator: str, choice: str,
-                       pair_id: int | None = None, rationale: str | None = None, edited_answer: str | None = None,
-                       time_spent_s: float | None = None, source: str = "ui", supersedes: int | None = None,
-                       dedupe_key: str | None = None, cur=None) -> int | None:  # fmt: skip
+    def add_comparison(
+        self,
+        *,
+        prompt_id: int,
+        generation_a: int,
+        generation_b: int,
+        annotator: str,
+        choice: str,
+        pair_id: int | None = None,
+        rationale: str | None = None,
+        edited_answer: str | None = None,
+        time_spent_s: float | None = None,
+        source: str = "ui",
+        supersedes: int | None = None,
+        dedupe_key: str | None = None,
+        cur=None,
+    ) -> int | None:
         """Append a judgement. Returns its id, or None when `dedupe_key` was already stored (a re-import)."""
         annotator = annotator_name(annotator)
         check_judgement(choice, rationale, edited_answer)
-        values = [pair_id, prompt_id, generation_a, generation_b, annotator, choice, rationale, edited_answer,
-                  time_spent_s, source, supersedes, dedupe_key]  # fmt: skip
+        values = [
+            pair_id,
+            prompt_id,
+            generation_a,
+            generation_b,
+            annotator,
+            choice,
+            rationale,
+            edited_answer,
+            time_spent_s,
+            source,
+            supersedes,
+            dedupe_key,
+        ]
 
         def insert(c) -> int | None:
             if dedupe_key and c.execute("SELECT 1 FROM comparisons WHERE dedupe_key = ?", [dedupe_key]).fetchone():
@@ -202,14 +248,32 @@ class Store:
         return self.write(insert, cur)
 
     # ---- model versions and settings ----------------------------------------------------------------------
-    def add_version(self, *, kind: str = "policy", base_model: str, adapter_path: str | None = None,
-                    parent_id: int | None = None, run_id: int | None = None, notes: str | None = None,
-                    metrics: dict | None = None, trained_on: list[int] | None = None,
-                    reward_model_id: int | None = None) -> int:  # fmt: skip
+    def add_version(
+        self,
+        *,
+        kind: str = "policy",
+        base_model: str,
+        adapter_path: str | None = None,
+        parent_id: int | None = None,
+        run_id: int | None = None,
+        notes: str | None = None,
+        metrics: dict | None = None,
+        trained_on: list[int] | None = None,
+        reward_model_id: int | None = None,
+    ) -> int:
         if kind not in ("policy", "reward"):
             raise ValueError(f"a model version is a policy or a reward model, not {kind!r}")
-        values = [kind, base_model, adapter_path, parent_id, run_id, notes, json.dumps(metrics or {}),
-                  json.dumps(trained_on or []), reward_model_id]  # fmt: skip
+        values = [
+            kind,
+            base_model,
+            adapter_path,
+            parent_id,
+            run_id,
+            notes,
+            json.dumps(metrics or {}),
+            json.dumps(trained_on or []),
+            reward_model_id,
+        ]
 
         def insert(c) -> int:
             c.execute(

@@ -17,8 +17,22 @@ from typing import Any
 
 FORMATS = ("dpo", "reward", "kto", "sft", "raw")
 EXTENSIONS = (".jsonl", ".parquet")
-RAW_COLUMNS = ("id", "pair_id", "prompt_id", "generation_a", "generation_b", "annotator", "choice", "rationale",
-               "edited_answer", "time_spent_s", "source", "supersedes", "dedupe_key", "created_at")  # fmt: skip
+RAW_COLUMNS = (
+    "id",
+    "pair_id",
+    "prompt_id",
+    "generation_a",
+    "generation_b",
+    "annotator",
+    "choice",
+    "rationale",
+    "edited_answer",
+    "time_spent_s",
+    "source",
+    "supersedes",
+    "dedupe_key",
+    "created_at",
+)
 
 
 def export_rows(store, fmt: str, with_ids: bool = False) -> list[dict]:
@@ -144,9 +158,13 @@ def _write_pairs(store, fmt: str, path: Path, suffix: str) -> int:
     sql = f"SELECT {JSON_LINE if jsonl else PARQUET_COLUMNS} FROM ({rows}) ORDER BY id, k"
     with store.read() as cur, path.open("wb") if jsonl else pq.ParquetWriter(path, schema) as out:
         cur.execute("BEGIN TRANSACTION READ ONLY")  # every chunk sees the same moment
-        starts = [row[0] for row in cur.execute(
-            "SELECT id FROM comparisons QUALIFY (row_number() OVER (ORDER BY id) - 1) % ? = 0 ORDER BY id",
-            [PAIR_CHUNK]).fetchall()]  # fmt: skip
+        starts = [
+            row[0]
+            for row in cur.execute(
+                "SELECT id FROM comparisons QUALIFY (row_number() OVER (ORDER BY id) - 1) % ? = 0 ORDER BY id",
+                [PAIR_CHUNK],
+            ).fetchall()
+        ]
         ends = [start - 1 for start in starts[1:]] + [2**63 - 1] * bool(starts)
         for lo, hi in zip(starts, ends, strict=True):
             for batch in cur.sql(sql, params={"not_blank": NOT_BLANK, "lo": lo, "hi": hi}).to_arrow_reader(50_000):
@@ -247,8 +265,9 @@ def _schema(fmt: str) -> Any:
         return pa.schema([("prompt", chat), ("completion", chat)])
     ints = ("id", "pair_id", "prompt_id", "generation_a", "generation_b", "supersedes")
     floats = ("time_spent_s",)
-    fields = [(name, pa.int64() if name in ints else pa.float64() if name in floats else pa.string())
-              for name in RAW_COLUMNS]  # fmt: skip
+    fields = [
+        (name, pa.int64() if name in ints else pa.float64() if name in floats else pa.string()) for name in RAW_COLUMNS
+    ]
     texts = ("answer_a", "answer_b", "model_a", "model_b")
     flags = [(name, pa.bool_()) for name in ("truncated_a", "truncated_b")]
     return pa.schema([*fields, ("prompt", chat), *[(name, pa.string()) for name in texts], *flags])

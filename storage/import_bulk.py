@@ -22,8 +22,20 @@ from storage.tallies import NOT_BLANK, WHITESPACE
 BULK_FORMATS = ("trl", "arena")
 SUFFIXES = (".parquet", ".jsonl")
 ARENA_EXTRAS = ("question_id", "tstamp", "language")  # kept in each answer's params (import_formats.parse_arena)
-PLAIN_TYPES = ("VARCHAR", "BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER", "USMALLINT", "UTINYINT",
-               "DOUBLE", "BOOLEAN", '"NULL"')  # fmt: skip
+PLAIN_TYPES = (
+    "VARCHAR",
+    "BIGINT",
+    "INTEGER",
+    "SMALLINT",
+    "TINYINT",
+    "UBIGINT",
+    "UINTEGER",
+    "USMALLINT",
+    "UTINYINT",
+    "DOUBLE",
+    "BOOLEAN",
+    '"NULL"',
+)
 
 
 def _escape_chain(value: str) -> str:
@@ -96,8 +108,10 @@ def _load(cur, path: Path) -> bool:
         names = {row[0] for row in cur.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
         if "__row" in names or "file_row_number" not in names:
             return False
-        cur.execute(f"CREATE OR REPLACE TEMP TABLE bulk_source AS SELECT * EXCLUDE (file_row_number), "
-                    f"file_row_number AS __row FROM {source}")  # fmt: skip
+        cur.execute(
+            f"CREATE OR REPLACE TEMP TABLE bulk_source AS SELECT * EXCLUDE (file_row_number), "
+            f"file_row_number AS __row FROM {source}"
+        )
         return True
     import pyarrow as pa
     import pyarrow.json as pj
@@ -146,8 +160,12 @@ def _messages(column: str) -> str:
 def _is_messages(kind: str | None) -> bool:
     """A list of structs with (at least) a text role and a text content: chat messages."""
     plain = (kind or "").replace('"', "")
-    return plain.startswith("STRUCT(") and plain.endswith(")[]") and "role VARCHAR" in plain \
-        and "content VARCHAR" in plain  # fmt: skip
+    return (
+        plain.startswith("STRUCT(")
+        and plain.endswith(")[]")
+        and "role VARCHAR" in plain
+        and "content VARCHAR" in plain
+    )
 
 
 def _arena(types: dict[str, str]) -> str | None:
@@ -164,8 +182,9 @@ def _arena(types: dict[str, str]) -> str | None:
     else:
         annotator = "'import:arena'"
     finite = "".join(f' AND coalesce(isfinite("{n}"), true)' for n in extras if types[n] == "DOUBLE")
-    plain = "".join(f""" || CASE WHEN "{n}" IS NULL THEN '' ELSE ', "{n}": ' || to_json("{n}")::VARCHAR END"""
-                    for n in extras)  # fmt: skip
+    plain = "".join(
+        f""" || CASE WHEN "{n}" IS NULL THEN '' ELSE ', "{n}": ' || to_json("{n}")::VARCHAR END""" for n in extras
+    )
     choices = " ".join(f"WHEN '{key}' THEN '{value}'" for key, value in ARENA_CHOICES.items())
     params = """'{"source": "import:arena"'""" + plain
     rest = """ || CASE WHEN len({0}) > 0 THEN ', "continuation": ' || to_json({0})::VARCHAR ELSE '' END || '}}'"""
@@ -271,8 +290,9 @@ def _ids(cur, table: str, sequence: str, per_row: int) -> int:
     count = cur.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0] * per_row
     if count == 0:
         return 0
-    first, last = cur.execute(f"SELECT min(v), max(v) FROM (SELECT nextval('{sequence}') AS v FROM range(?))",
-                              [count]).fetchall()[0]  # fmt: skip
+    first, last = cur.execute(
+        f"SELECT min(v), max(v) FROM (SELECT nextval('{sequence}') AS v FROM range(?))", [count]
+    ).fetchall()[0]
     if last - first != count - 1:
         raise RuntimeError(f"{sequence} handed out ids that are not consecutive")
     return int(first)

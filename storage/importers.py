@@ -99,11 +99,17 @@ def _store_prompts(cur, prompts: list[list[dict]], source: str) -> list[int]:
     missing = [digest for digest in by_hash if digest not in ids]
     if missing:
         new_ids = _next_ids(cur, "prompts_id_seq", len(missing))
-        _insert(cur, "prompts", {
-            "id": new_ids, "hash": missing, "source": [source] * len(missing),
-            "messages": [json.dumps(by_hash[d], ensure_ascii=False) for d in missing],
-            "text": [by_hash[d][-1]["content"] for d in missing],
-        })  # fmt: skip
+        _insert(
+            cur,
+            "prompts",
+            {
+                "id": new_ids,
+                "hash": missing,
+                "source": [source] * len(missing),
+                "messages": [json.dumps(by_hash[d], ensure_ascii=False) for d in missing],
+                "text": [by_hash[d][-1]["content"] for d in missing],
+            },
+        )
         ids.update(zip(missing, new_ids, strict=True))
     return [ids[digest] for digest in hashes]
 
@@ -116,17 +122,31 @@ def _store_comparisons(cur, new: list[tuple[Item, str, int]], source: str) -> No
     _insert(cur, "annotators", {"name": annotators}, on_conflict="ON CONFLICT DO NOTHING")
     answers = [(prompt_id, answer) for item, _, prompt_id in new for answer in item.answers]
     generation_ids = _next_ids(cur, "generations_id_seq", len(answers))
-    _insert(cur, "generations", {
-        "id": generation_ids, "prompt_id": [prompt_id for prompt_id, _ in answers],
-        "model_name": [answer.model_name for _, answer in answers], "text": [answer.text for _, answer in answers],
-        "params": [json.dumps({"source": source, **answer.params}, ensure_ascii=False) for _, answer in answers],
-    })  # fmt: skip
-    _insert(cur, "comparisons", {
-        "id": _next_ids(cur, "comparisons_id_seq", len(new)), "prompt_id": [pid for _, _, pid in new],
-        "generation_a": generation_ids[0::2], "generation_b": generation_ids[1::2],
-        "annotator": [item.annotator for item, _, _ in new], "choice": [item.choice for item, _, _ in new],
-        "source": [source] * len(new), "dedupe_key": [key for _, key, _ in new],
-    })  # fmt: skip
+    _insert(
+        cur,
+        "generations",
+        {
+            "id": generation_ids,
+            "prompt_id": [prompt_id for prompt_id, _ in answers],
+            "model_name": [answer.model_name for _, answer in answers],
+            "text": [answer.text for _, answer in answers],
+            "params": [json.dumps({"source": source, **answer.params}, ensure_ascii=False) for _, answer in answers],
+        },
+    )
+    _insert(
+        cur,
+        "comparisons",
+        {
+            "id": _next_ids(cur, "comparisons_id_seq", len(new)),
+            "prompt_id": [pid for _, _, pid in new],
+            "generation_a": generation_ids[0::2],
+            "generation_b": generation_ids[1::2],
+            "annotator": [item.annotator for item, _, _ in new],
+            "choice": [item.choice for item, _, _ in new],
+            "source": [source] * len(new),
+            "dedupe_key": [key for _, key, _ in new],
+        },
+    )
 
 
 def _existing(cur, table: str, key_column: str, value_column: str, keys: list[str]) -> dict[str, Any]:

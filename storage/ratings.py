@@ -155,8 +155,12 @@ def _ordered(models, first, second, counts) -> BattleCounts:
 
 
 # ---- the Bradley–Terry fit ----------------------------------------------------------------------------------
-def fit_strengths(counts: BattleCounts, score: np.ndarray | None = None, played: np.ndarray | None = None,
-                  start: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+def fit_strengths(
+    counts: BattleCounts,
+    score: np.ndarray | None = None,
+    played: np.ndarray | None = None,
+    start: np.ndarray | None = None,
+) -> np.ndarray:
     """Natural-log strengths (mean 0) maximising the BT likelihood; `score`/`played` override the counts' own
     (a bootstrap resample of the same pairs)."""
     from scipy.optimize import minimize
@@ -192,17 +196,18 @@ def to_ratings(strengths: np.ndarray) -> np.ndarray:
     return BASE_RATING + SCALE * (strengths - strengths.mean(axis=-1, keepdims=True))
 
 
-def bootstrap_ratings(counts: BattleCounts, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0,
-                      start: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+def bootstrap_ratings(
+    counts: BattleCounts, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0, start: np.ndarray | None = None
+) -> np.ndarray:
     """Ratings refitted on `rounds` resamples of the battles (with replacement), shape (rounds, models)."""
     cells = counts.counts.ravel()
     total = int(round(cells.sum()))
     draws = np.random.default_rng(seed).multinomial(total, cells / total, size=rounds)
     draws = draws.reshape(rounds, -1, 3).astype(np.float64)
     start = fit_strengths(counts) if start is None else start
-    return np.array([
-        to_ratings(fit_strengths(counts, d[:, 0] + 0.5 * d[:, 2], d.sum(axis=1), start)) for d in draws
-    ]).reshape(rounds, len(counts.models))  # fmt: skip
+    return np.array(
+        [to_ratings(fit_strengths(counts, d[:, 0] + 0.5 * d[:, 2], d.sum(axis=1), start)) for d in draws]
+    ).reshape(rounds, len(counts.models))
 
 
 # ---- what callers use ---------------------------------------------------------------------------------------
@@ -223,10 +228,15 @@ def leaderboard(source, bootstrap: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> lis
         low = high = ratings
     played = counts.battles_per_model()
     rows = [
-        {"model": name, "rating": round(float(ratings[k]), 2), "ci_low": round(float(low[k]), 2),
-         "ci_high": round(float(high[k]), 2), "battles": int(played[k])}
+        {
+            "model": name,
+            "rating": round(float(ratings[k]), 2),
+            "ci_low": round(float(low[k]), 2),
+            "ci_high": round(float(high[k]), 2),
+            "battles": int(played[k]),
+        }
         for k, name in enumerate(counts.models)
-    ]  # fmt: skip
+    ]
     return sorted(rows, key=lambda row: (-row["rating"], row["model"]))
 
 
@@ -273,8 +283,15 @@ def head_to_head(source, model_x: str, model_y: str, confidence: float = 0.95) -
         return {"wins": 0, "losses": 0, "ties": 0, "battles": 0, "win_rate": None, "ci_low": 0.0, "ci_high": 1.0}
     rate = (wins + 0.5 * ties) / battles
     low, high = wilson_interval(rate, battles, confidence)
-    return {"wins": wins, "losses": losses, "ties": ties, "battles": battles, "win_rate": rate,
-            "ci_low": low, "ci_high": high}  # fmt: skip
+    return {
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+        "battles": battles,
+        "win_rate": rate,
+        "ci_low": low,
+        "ci_high": high,
+    }
 
 
 def wilson_interval(rate: float, n: int, confidence: float = 0.95) -> tuple[float, float]:

@@ -15,8 +15,9 @@ def generations_to_score(store, reward_model_id: int, limit: int | None = None) 
     """The generations this reward model has not scored yet (the newest `limit`, oldest first), as (prompt
     messages, answer) rows."""
     with store.read() as cur:
-        rows = cur.execute(f"SELECT generation_id, prompt::VARCHAR, answer FROM ({_unscored(limit)})",
-                           [reward_model_id]).fetchall()  # fmt: skip
+        rows = cur.execute(
+            f"SELECT generation_id, prompt::VARCHAR, answer FROM ({_unscored(limit)})", [reward_model_id]
+        ).fetchall()
     return [
         {"generation_id": int(gid), "prompt": json.loads(messages), "answer": text} for gid, messages, text in rows
     ]
@@ -53,8 +54,12 @@ def save_scores(store, reward_model_id: int, scores: list[tuple[int, float]], ch
     latest = {int(g): float(s) for g, s in scores}
     ids, values = list(latest), list(latest.values())
     for start in range(0, len(ids), chunk):
-        rows = pa.table({"generation_id": pa.array(ids[start : start + chunk], pa.int64()),
-                         "score": pa.array(values[start : start + chunk], pa.float64())})  # fmt: skip
+        rows = pa.table(
+            {
+                "generation_id": pa.array(ids[start : start + chunk], pa.int64()),
+                "score": pa.array(values[start : start + chunk], pa.float64()),
+            }
+        )
         with store.transaction() as cur:
             cur.register("new_scores", rows)
             cur.execute(

@@ -79,8 +79,13 @@ def fold(rows: list[tuple]) -> list[tuple[str, str, int]]:
         elif choice is None:
             folded.append(("usable", "", n))
         else:
-            folded += [("total", "", n), ("choice", choice, n), ("annotator", annotator, n), ("source", source, n),
-                       ("day", f"{day}|{annotator}", n)]  # fmt: skip
+            folded += [
+                ("total", "", n),
+                ("choice", choice, n),
+                ("annotator", annotator, n),
+                ("source", source, n),
+                ("day", f"{day}|{annotator}", n),
+            ]
     return folded
 
 

@@ -36,8 +36,9 @@ def build_data_tab(services: Services, access: Access, demo: gr.Blocks, upload_m
     with gr.Row(visible=False) as admin_row:  # shown on load to admins; the handlers check the caller anyway
         with gr.Column():
             gr.Markdown("### Import")
-            upload = gr.File(label="Prompt list or preference dataset (.txt .csv .json .jsonl .parquet)",
-                             elem_id="import-file")  # fmt: skip
+            upload = gr.File(
+                label="Prompt list or preference dataset (.txt .csv .json .jsonl .parquet)", elem_id="import-file"
+            )
             import_format = gr.Dropdown(IMPORT_FORMATS, value="auto", label="Format")
             import_btn = gr.Button("Import", elem_id="import-btn")
             import_msg = gr.Markdown("")

@@ -20,8 +20,12 @@ from ui.render import render_messages, render_text
 EMPTY = "<p><i>Pairs are being generated…</i></p>"
 STREAMING = "streaming"  # the hidden pair box while your own prompt is being answered (no vote, no polling)
 RECEIPT_LABELS = {"A": "A is better", "B": "B is better", "tie": "tie", "both_bad": "both bad", "skip": "skipped"}
-VERDICTS = (("vote-a", "A is better", "A", "primary"), ("vote-b", "B is better", "B", "primary"),
-            ("vote-tie", "Tie", "tie", "secondary"), ("vote-bad", "Both bad", "both_bad", "stop"))  # fmt: skip
+VERDICTS = (
+    ("vote-a", "A is better", "A", "primary"),
+    ("vote-b", "B is better", "B", "primary"),
+    ("vote-tie", "Tie", "tie", "secondary"),
+    ("vote-bad", "Both bad", "both_bad", "stop"),
+)
 
 
 @dataclass
@@ -38,8 +42,16 @@ class LabelView:
     counters: gr.Markdown
 
     def outputs(self) -> list:
-        return [self.pair, self.shown_at, self.prompt, self.answer_a, self.answer_b, self.rationale, self.edited,
-                self.counters]  # fmt: skip
+        return [
+            self.pair,
+            self.shown_at,
+            self.prompt,
+            self.answer_a,
+            self.answer_b,
+            self.rationale,
+            self.edited,
+            self.counters,
+        ]
 
 
 def build_label_tab(services: Services, access: Access, demo: gr.Blocks) -> None:

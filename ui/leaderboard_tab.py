@@ -30,15 +30,25 @@ def build_leaderboard_tab(services: Services, access: Access, demo: gr.Blocks) -
     refresh = gr.Button("Refresh", size="sm", elem_id="leaderboard-refresh")
     summary = gr.Markdown("", elem_id="leaderboard-summary")
     plot = gr.BarPlot(
-        x="model", y="points", color="part", color_map=PARTS, colors_in_legend=list(PARTS)[:2], color_title="95% CI",
-        tooltip=["rating", "ci_low", "ci_high", "battles"], x_title="model (best first)", y_title="rating",
+        x="model",
+        y="points",
+        color="part",
+        color_map=PARTS,
+        colors_in_legend=list(PARTS)[:2],
+        color_title="95% CI",
+        tooltip=["rating", "ci_low", "ci_high", "battles"],
+        x_title="model (best first)",
+        y_title="rating",
         label="Bradley–Terry ratings with 95% bootstrap CIs: a bar spans the CI, the colours meet at the rating",
         elem_id="leaderboard-plot",
-    )  # fmt: skip
+    )
     table = gr.Dataframe(label="Ratings", interactive=False, elem_id="leaderboard-table")
     with gr.Row():
-        heatmap = gr.Dataframe(label="Win-rate of the row's model against the column's (ties count half)",
-                               interactive=False, elem_id="winrate-heatmap")  # fmt: skip
+        heatmap = gr.Dataframe(
+            label="Win-rate of the row's model against the column's (ties count half)",
+            interactive=False,
+            elem_id="winrate-heatmap",
+        )
         battles = gr.Dataframe(label="Battles per pair", interactive=False, elem_id="battles-table")
     gr.Markdown("### Candidate and promotion gate")
     gate = gr.Markdown("", elem_id="gate-evidence")
@@ -142,8 +152,9 @@ def _plot_frame(board: list[dict]):
         rows += [[row["model"], span, part, *figures] for span, part in zip(spans, PARTS, strict=True)]
     low, high = min(r["ci_low"] for r in board), max(r["ci_high"] for r in board)
     pad = max(20.0, 0.1 * (high - low))
-    return gr.update(value=pd.DataFrame(rows, columns=columns), y_lim=[low - pad, high + pad],
-                     sort=[r["model"] for r in board])  # fmt: skip
+    return gr.update(
+        value=pd.DataFrame(rows, columns=columns), y_lim=[low - pad, high + pad], sort=[r["model"] for r in board]
+    )
 
 
 def _heatmap(matrix: dict):
@@ -172,9 +183,17 @@ def _pairs(counts) -> pd.DataFrame:
     for p in range(len(counts.first)):
         first_won, second_won, tied = (int(v) for v in counts.counts[p])
         played = first_won + second_won + tied
-        rows.append({"model_x": counts.models[counts.first[p]], "model_y": counts.models[counts.second[p]],
-                     "battles": played, "x_wins": first_won, "y_wins": second_won, "ties": tied,
-                     "x_win_rate": round((first_won + tied / 2) / played, 3)})  # fmt: skip
+        rows.append(
+            {
+                "model_x": counts.models[counts.first[p]],
+                "model_y": counts.models[counts.second[p]],
+                "battles": played,
+                "x_wins": first_won,
+                "y_wins": second_won,
+                "ties": tied,
+                "x_win_rate": round((first_won + tied / 2) / played, 3),
+            }
+        )
     columns = ["model_x", "model_y", "battles", "x_wins", "y_wins", "ties", "x_win_rate"]
     return pd.DataFrame(rows, columns=columns).sort_values("battles", ascending=False, kind="stable")
 
@@ -183,11 +202,20 @@ def _lineage(versions: list[dict], ratings: dict, serving: int) -> pd.DataFrame:
     rows = []
     for v in reversed(versions):  # newest first
         rating = ratings.get(model_name(v["id"]), {})
-        rows.append({"version": model_name(v["id"]), "status": "serving" if v["id"] == serving else v["status"],
-                     "parent": None if v["parent_id"] is None else model_name(v["parent_id"]), "run": v["run_id"],
-                     "method": v["method"] or ("base" if v["id"] == 0 else None), "trained_on": v["trained_on"],
-                     "rating": rating.get("rating"), "ci": _ci(rating), "battles": rating.get("battles", 0),
-                     "created": str(v["created_at"])[:19]})  # fmt: skip
+        rows.append(
+            {
+                "version": model_name(v["id"]),
+                "status": "serving" if v["id"] == serving else v["status"],
+                "parent": None if v["parent_id"] is None else model_name(v["parent_id"]),
+                "run": v["run_id"],
+                "method": v["method"] or ("base" if v["id"] == 0 else None),
+                "trained_on": v["trained_on"],
+                "rating": rating.get("rating"),
+                "ci": _ci(rating),
+                "battles": rating.get("battles", 0),
+                "created": str(v["created_at"])[:19],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -199,9 +227,22 @@ def _promotions(rows: list[dict]) -> pd.DataFrame:
     out = []
     for row in rows:
         e = row["evidence"]
-        record = (f"{e.get('wins', 0)}-{e.get('losses', 0)}-{e.get('ties', 0)} vs {e.get('against', '?')}, "
-                  f"CI {e.get('ci_low', 0):.0%}–{e.get('ci_high', 1):.0%}") if e else ""  # fmt: skip
-        out.append({"when": str(row["created_at"])[:19], "version": model_name(row["version_id"]),
-                    "from": None if row["from_version"] is None else model_name(row["from_version"]),
-                    "kind": row["kind"], "by": row["actor"], "evidence (W-L-T)": record})  # fmt: skip
+        record = (
+            (
+                f"{e.get('wins', 0)}-{e.get('losses', 0)}-{e.get('ties', 0)} vs {e.get('against', '?')}, "
+                f"CI {e.get('ci_low', 0):.0%}–{e.get('ci_high', 1):.0%}"
+            )
+            if e
+            else ""
+        )
+        out.append(
+            {
+                "when": str(row["created_at"])[:19],
+                "version": model_name(row["version_id"]),
+                "from": None if row["from_version"] is None else model_name(row["from_version"]),
+                "kind": row["kind"],
+                "by": row["actor"],
+                "evidence (W-L-T)": record,
+            }
+        )
     return pd.DataFrame(out, columns=["when", "version", "from", "kind", "by", "evidence (W-L-T)"])

@@ -29,10 +29,27 @@ FIELDS = {  # name: (label, upper bound; a browser may not ask for more: it woul
     "response_length": ("PPO response length", 2_048),
     "kl_coef": ("PPO KL coefficient", 100.0),
 }
-INTEGER_FIELDS = {"max_steps", "batch_size", "max_length", "seed", "lora_r", "lora_alpha", "total_episodes",
-                  "response_length"}  # fmt: skip
-REWARD_KEYS = {"max_steps", "learning_rate", "epochs", "batch_size", "max_length", "seed", "lora_r", "lora_alpha",
-               "lora_dropout"}  # fmt: skip
+INTEGER_FIELDS = {
+    "max_steps",
+    "batch_size",
+    "max_length",
+    "seed",
+    "lora_r",
+    "lora_alpha",
+    "total_episodes",
+    "response_length",
+}
+REWARD_KEYS = {
+    "max_steps",
+    "learning_rate",
+    "epochs",
+    "batch_size",
+    "max_length",
+    "seed",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+}
 PPO_ONLY = {"total_episodes", "response_length", "kl_coef", "reward_model"}
 
 

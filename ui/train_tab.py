@@ -19,8 +19,11 @@ from ui.train_settings import FIELDS, METHODS, parse_settings, submit
 ENDED = ("succeeded", "failed", "cancelled")
 PLOT_POINTS = 500  # progress steps plotted per run at most (a long run is thinned evenly)
 BASIC = ("max_steps", "learning_rate", "beta")
-ADVANCED_ROWS = (("epochs", "batch_size", "max_length", "seed"), ("lora_r", "lora_alpha", "lora_dropout"),
-                 ("total_episodes", "response_length", "kl_coef"))  # fmt: skip
+ADVANCED_ROWS = (
+    ("epochs", "batch_size", "max_length", "seed"),
+    ("lora_r", "lora_alpha", "lora_dropout"),
+    ("total_episodes", "response_length", "kl_coef"),
+)
 
 
 @dataclass
@@ -34,8 +37,15 @@ class Overview:
     newest_seen: gr.State
 
     def outputs(self) -> list:
-        return [self.usable, self.parent, self.reward_model, self.run_pick, self.versions, self.version_pick,
-                self.newest_seen]  # fmt: skip
+        return [
+            self.usable,
+            self.parent,
+            self.reward_model,
+            self.run_pick,
+            self.versions,
+            self.version_pick,
+            self.newest_seen,
+        ]
 
 
 def build_train_tab(services: Services, access: Access, demo: gr.Blocks) -> None:
@@ -227,12 +237,19 @@ def _training_blocked(services: Services) -> str | None:
 def _versions_table(versions: list[dict], active: int) -> pd.DataFrame:
     return pd.DataFrame(
         [
-            {"version": v["id"], "kind": v.get("kind"), "parent": v.get("parent_id"), "run": v.get("run_id"),
-             "serving": v["id"] == active, "status": v.get("status"), "notes": v.get("notes"),
-             "created": str(v.get("created_at"))}
+            {
+                "version": v["id"],
+                "kind": v.get("kind"),
+                "parent": v.get("parent_id"),
+                "run": v.get("run_id"),
+                "serving": v["id"] == active,
+                "status": v.get("status"),
+                "notes": v.get("notes"),
+                "created": str(v.get("created_at")),
+            }
             for v in versions
         ]
-    )  # fmt: skip
+    )
 
 
 def _acc(version: dict) -> str:
