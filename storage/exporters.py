@@ -15,24 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from storage.db import COMPARISON_COLUMNS
+
 FORMATS = ("dpo", "reward", "kto", "sft", "raw")
 EXTENSIONS = (".jsonl", ".parquet")
-RAW_COLUMNS = (
-    "id",
-    "pair_id",
-    "prompt_id",
-    "generation_a",
-    "generation_b",
-    "annotator",
-    "choice",
-    "rationale",
-    "edited_answer",
-    "time_spent_s",
-    "source",
-    "supersedes",
-    "dedupe_key",
-    "created_at",
-)
+RAW_COLUMNS = ("id", *COMPARISON_COLUMNS, "created_at")
 
 
 def export_rows(store, fmt: str, with_ids: bool = False) -> list[dict]:
