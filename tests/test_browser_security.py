@@ -77,8 +77,16 @@ def test_hostile_prompts_and_answers_render_as_inert_text(browser, tmp_path, tin
         page.goto(url)
         page.get_by_label("Your display name (stored in this browser)").fill("mallory")
         page.get_by_role("button", name="Start labeling", exact=True).click()
-        for i in range(len(XSS)):
-            wait_for(lambda i=i: f"A{i}:" in page.locator("#answer-a").inner_text(), 30, f"pair {i} on the page")
+        seen: set[int] = set()
+        for _ in XSS:  # every hostile pair in turn (the order leases come back in is the queue's business)
+
+            def next_hostile() -> int | None:
+                shown = page.locator("#answer-a").inner_text()
+                found = [i for i in range(len(XSS)) if i not in seen and f"A{i}:" in shown]
+                return found[0] if found else None
+
+            i = wait_for(lambda: [next_hostile()] if next_hostile() is not None else None, 30, "a hostile pair")[0]
+            seen.add(i)
             for box in ("#prompt", "#answer-a", "#answer-b"):
                 assert page.locator(f"{box} script, {box} img, {box} svg, {box} [onerror]").count() == 0, (i, box)
                 hrefs = page.locator(f"{box} a").evaluate_all("links => links.map(a => a.getAttribute('href'))")
@@ -87,6 +95,7 @@ def test_hostile_prompts_and_answers_render_as_inert_text(browser, tmp_path, tin
             assert any(word in shown for word in ("<", "javascript", "pixel")), shown  # visible as text
             page.get_by_role("button", name="Tie", exact=True).click()
             page.get_by_text("✓ Saved").first.wait_for(timeout=10_000)
+        assert seen == set(range(len(XSS)))
         assert page.evaluate("window.__xss") is None
         assert PIXEL not in requested
         page.close()
