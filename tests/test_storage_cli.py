@@ -110,7 +110,7 @@ def test_a_database_held_by_another_process_is_named_clearly(tmp_path):
     holder = Store(db)  # this test process plays the running app
     try:
         result = run_cli("stats", "--db", str(db))
-        assert_one_error_line(result, str(db), "is open in another process (the app?)")
+        assert_one_error_line(result, str(db), "is in use by another process")
     finally:
         holder.close()
     assert run_cli("stats", "--db", str(db)).returncode == 0
