@@ -60,11 +60,12 @@ MACROS = [
 ]
 
 # The common tail: from (n, prompt, text_a, text_b, model_a, model_b, choice, annotator, params_a, params_b, ok) to
-# the stored forms and keys. Sorted keys (content, role) for the hashes, as json.dumps(sort_keys=True) writes them.
+# the stored forms and the JSON texts of the prompt hash and the dedupe key (sha256 follows, in _stage). Sorted keys
+# (content, role) for those, as json.dumps(sort_keys=True) writes them.
 KEYED = """
-SELECT n, ok, sha256('[' || sorted || ']') AS prompt_hash, stored AS messages, prompt[-1].content AS text,
+SELECT n, ok, '[' || sorted || ']' AS prompt_hash, stored AS messages, prompt[-1].content AS text,
        text_a, text_b, model_a, model_b, choice, annotator, params_a, params_b,
-       sha256('["' || $fmt || '", [' || sorted || '], [[' || js(text_a) || ', ' || js(model_a) || '], ['
+       ('["' || $fmt || '", [' || sorted || '], [[' || js(text_a) || ', ' || js(model_a) || '], ['
               || js(text_b) || ', ' || js(model_b) || ']], "' || choice || '", ' || js(annotator) || ']') AS key
 FROM (SELECT *,
         array_to_string(list_transform(escaped, lambda m: '{"content": ' || m.content || ', "role": "' || m.role
@@ -142,7 +143,27 @@ def _stage(cur, fmt: str):
     staged = cur.sql(KEYED.replace("{rows}", rows), params={"fmt": fmt}).to_arrow_table()
     if not all(staged.column("ok").to_pylist()):
         return None
+    for name in ("prompt_hash", "key"):  # sha256 of the JSON texts: hashlib is several times faster than DuckDB's
+        staged = staged.set_column(staged.column_names.index(name), name, _sha256(staged.column(name)))
     return staged.drop_columns(["ok"])
+
+
+def _sha256(texts):
+    """The hex sha256 of each UTF-8 string of an Arrow string column, hashed straight from its buffers."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+
+    digests = []
+    for chunk in texts.chunks:
+        if len(chunk) == 0:
+            continue
+        width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1].tolist()
+        data = memoryview(chunk.buffers()[2] or b"")
+        digests += [hashlib.sha256(data[a:b]).hexdigest() for a, b in zip(offsets, offsets[1:], strict=False)]
+    return pa.array(digests, pa.string())
 
 
 def _longest(name: str, kind: str) -> str:
