@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidelines", default=env("PREFLOOP_GUIDELINES", "docs/guidelines.md"))
     parser.add_argument("--queue-size", type=int, default=int(env("PREFLOOP_QUEUE_SIZE", "8")), help="ready pairs")
     parser.add_argument("--strategy", action="append", choices=["self", "versions", "endpoint"], help="repeatable")
-    parser.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "160")))
+    parser.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "512")))
     parser.add_argument(
         "--engine-threads",
         type=int,

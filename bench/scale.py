@@ -43,6 +43,7 @@ import scale_data  # noqa: E402
 TARGETS = {  # figure: (target, "max" or "min")
     "round_p95_ms": (50, "max"), "click_p95_ms": (None, "max"), "data_tab_ms": (200, "max"),
     "overview_ms": (200, "max"), "watch_ms": (200, "max"), "stats_ms": (1000, "max"), "stats_cli_s": (1.0, "max"),
+    "stats_cli_again_s": (1.0, "max"),
     "app_start_s": (15, "max"), "import_per_s": (50_000, "min"), "export_rows_per_s": (100_000, "min"),
     "score_lock_max_ms": (100, "max"), "round_p95_vs_empty": (1.5, "max"),
 }  # fmt: skip
@@ -203,9 +204,9 @@ def scoring_while_voting(services, callers: int, scores: int) -> dict:
     transaction = store.transaction
 
     @contextlib.contextmanager
-    def timed_transaction():  # how long each of the saver's transactions holds the write lock
-        began = time.perf_counter()
+    def timed_transaction():  # how long each of the saver's transactions holds the write lock (body and commit)
         with transaction() as cur:
+            began = time.perf_counter()
             yield cur
         if threading.current_thread().name == "saver":
             holds.append((time.perf_counter() - began) * 1000)
@@ -387,7 +388,8 @@ def measure(db: Path, folder: Path, args: argparse.Namespace, next_id: int, mode
     store.close()
     if "cli" not in args.skip:
         print("  python -m storage stats ...", flush=True)
-        figures["stats_cli_s"] = stats_cli(db, timeout=900)
+        figures["stats_cli_s"] = stats_cli(db, timeout=900)  # the first one counts what was added since the app
+        figures["stats_cli_again_s"] = stats_cli(db, timeout=900)
     if "app" not in args.skip and model is not None:
         print("  app start ...", flush=True)
         figures["app_start_s"] = app_start(db, model, folder, timeout=900)

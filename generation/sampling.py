@@ -26,7 +26,7 @@ NUCLEUS_PROBE = 256  # top-k probe before a full sort when finding the top-p cut
 class SamplingParams:
     temperature: float = 0.8  # 0 = greedy; below 1 sharpens the model's distribution a little
     top_p: float = 0.95  # sample from the smallest set of tokens holding 95% of the probability
-    max_new_tokens: int = 160  # the app's --max-new-tokens default (README)
+    max_new_tokens: int = 160  # short for library callers; the app passes its --max-new-tokens (default 512, README)
     seed: int | None = None
 
     def __post_init__(self) -> None:

@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     generate.add_argument("--db", default=env("PREFLOOP_DB", "data/prefloop.duckdb"), help="the DuckDB file")
     generate.add_argument("--model", default=env("PREFLOOP_MODEL", "bundled"), help="bundled, a HF id or a folder")
     generate.add_argument("--model-cache", default=env("PREFLOOP_MODEL_CACHE", "data/models"))
-    generate.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "160")))
+    generate.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "512")))
     generate.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
     generate.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores)")
     return parser.parse_args(argv)
