@@ -105,7 +105,8 @@ def running_app(work: Path, prompts: list[str], max_new_tokens: int, queue_size:
         demo.queue(default_concurrency_limit=8, max_size=args.queue_max).launch(
             prevent_thread_lock=True, quiet=True, **options
         )
-        wait_for(lambda: services.queue.depth() >= 1, 600, "the first pair")
+        if queue_size:
+            wait_for(lambda: services.queue.depth() >= 1, 600, "the first pair")
         yield f"http://127.0.0.1:{port}/", services
     finally:
         demo.close()
@@ -146,6 +147,20 @@ def settle(services, timeout: float = 600) -> float:
     while services.queue.progress()["generating"] and time.monotonic() - started < timeout:
         time.sleep(1)
     return round(time.monotonic() - started, 1)
+
+
+RUNNER_KEYS = {"data", "out", "base_model", "model_cache", "base_version", "init_adapter", "prompts", "score_data"}
+
+
+def finished_run(services, method: str, overrides: dict) -> tuple[object, float] | None:
+    """With --reuse: a run of this method and these settings that already succeeded (the bench was stopped after
+    it), as (RunStatus, seconds from submit to end), so only the judging is done again."""
+    for row in services.runner.runs(limit=100):
+        status = services.runner.status(row["id"])
+        settings = {k: v for k, v in status.config.items() if k not in RUNNER_KEYS}
+        if status.status == "succeeded" and status.method == method and settings == overrides:
+            return status, round((row["finished_at"] - row["created_at"]).total_seconds(), 1)
+    return None
 
 
 def train(services, method: str, overrides: dict, timeout: float) -> tuple[object, float]:
@@ -231,7 +246,8 @@ def run_taste(taste: Taste, args, overrides: dict) -> dict:
         "heldout": len(heldout),
         "samples": args.samples,
     }
-    with running_app(work, labeling, args.max_new_tokens, args.queue_size) as (url, services):
+    labeled = args.reuse and (work / "labels.json").is_file()  # no new pairs needed: the queue stays idle
+    with running_app(work, labeling, args.max_new_tokens, 0 if labeled else args.queue_size) as (url, services):
         annotator = f"taste-{taste.name}"
         if votes_cast(services, annotator) >= args.votes:
             labels = json.loads((work / "labels.json").read_text())
@@ -254,7 +270,8 @@ def run_taste(taste: Taste, args, overrides: dict) -> dict:
         from training.runner import RunRejected
 
         try:
-            status, seconds = train(services, args.method, overrides, args.timeout)
+            done = finished_run(services, args.method, overrides) if args.reuse else None
+            status, seconds = done or train(services, args.method, overrides, args.timeout)
         except RunRejected as exc:
             print(f"[{taste.name}] not trained: {exc}", flush=True)
             return {**result, "run_status": f"rejected: {exc}"}
@@ -275,14 +292,22 @@ def run_taste(taste: Taste, args, overrides: dict) -> dict:
         services.engine.load_version(version["id"], version["adapter_path"])
         sampling = (heldout, args.samples, args.temperature, args.max_new_tokens)
         parent, result["parent_answer_seconds"] = parent_answers(Path(args.work), services.engine, *sampling)
-        started = time.monotonic()
-        new = answer(services.engine, version["id"], *sampling)
+        started, saved = time.monotonic(), work / f"heldout-run{status.id}.json"
+        if saved.is_file():  # judged before: the same seeds give the same answers
+            new = [{"text": x["new"], "truncated": x["new_truncated"]} for x in json.loads(saved.read_text())]
+        else:
+            new = answer(services.engine, version["id"], *sampling)
         result["new_answer_seconds"] = round(time.monotonic() - started, 1)
         result.update(judge(taste, parent, new))
         (work / f"heldout-run{status.id}.json").write_text(
             json.dumps(
                 [
-                    {"prompt": heldout[i // args.samples], "parent": p["text"], "new": n["text"]}
+                    {
+                        "prompt": heldout[i // args.samples],
+                        "parent": p["text"],
+                        "new": n["text"],
+                        "new_truncated": n["truncated"],
+                    }
                     for i, (p, n) in enumerate(zip(parent, new, strict=True))
                 ],
                 indent=1,
