@@ -204,8 +204,8 @@ def scoring_while_voting(services, callers: int, scores: int) -> dict:
     transaction = store.transaction
 
     @contextlib.contextmanager
-    def timed_transaction():  # how long each of the saver's transactions holds the write lock (body and commit)
-        with transaction() as cur:
+    def timed_transaction(*args, **kwargs):  # how long each of the saver's transactions holds the write lock
+        with transaction(*args, **kwargs) as cur:  # (body and commit)
             began = time.perf_counter()
             yield cur
         if threading.current_thread().name == "saver":
