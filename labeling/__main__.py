@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     generate = commands.add_parser("generate", help="generate answer pairs into the queue")
     generate.add_argument("--pairs", type=int, required=True, help="how many pairs to generate")
     generate.add_argument("--strategy", choices=["self", "versions"], default="self")
-    generate.add_argument("--db", default=env("PREFLOOP_DB", "data/prefloop.duckdb"), help="the DuckDB file")
+    db = env("PREFLOOP_DB", "data/prefloop.duckdb")
+    generate.add_argument("--db", default=db, help="the DuckDB file or a postgresql:// URL")
     generate.add_argument("--model", default=env("PREFLOOP_MODEL", "bundled"), help="bundled, a HF id or a folder")
     generate.add_argument("--model-cache", default=env("PREFLOOP_MODEL_CACHE", "data/models"))
     generate.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "512")))
@@ -43,8 +44,9 @@ def open_store(path: str):
     import duckdb
 
     from storage.db import Store
+    from storage.postgres import is_postgres
 
-    if path != ":memory:" and not Path(path).is_file():
+    if path != ":memory:" and not is_postgres(path) and not Path(path).is_file():
         fail(f"there is no database at {path} (start the app once or import prompts: python -m storage import FILE)")
     try:
         return Store(path)

@@ -151,6 +151,8 @@ class GateWatcher:
             if self._stopping.is_set():
                 break
             try:
+                if self.services.store.dialect == "postgres":  # other app processes may promote or activate
+                    self.services.follow_serving()
                 self.check()
             except Exception as exc:  # the watcher outlives one bad check; the tab shows the error
                 self.last_error = f"{type(exc).__name__}: {exc}"

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from storage.postgres import is_postgres
+
 ENGINES = ("local", "vllm")
 
 
@@ -60,6 +62,8 @@ def check_deploy_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         parser.error("--backup-every must be a positive number of seconds")
     if args.backup_hub_repo and not args.backup_dir:
         parser.error("--backup-hub-repo needs --backup-dir (the local folder the Hub repo mirrors)")
+    if args.backup_dir and is_postgres(getattr(args, "db", "")):
+        parser.error("--backup-dir backs up a DuckDB file; back up a PostgreSQL store with PostgreSQL (pg_dump)")
     if args.compare_endpoint and not args.compare_model:
         parser.error("--compare-endpoint needs --compare-model (the name the server gives the model)")
     if args.compare_endpoint and not args.compare_endpoint.startswith(("http://", "https://")):
@@ -72,7 +76,7 @@ def check_deploy_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 def is_new_database(db: str) -> bool:
     """True before the store creates the file (":memory:" counts as new: there is nothing to lose)."""
-    return db == ":memory:" or not Path(db).exists()
+    return db == ":memory:" or (not is_postgres(db) and not Path(db).exists())
 
 
 def open_backups(args: argparse.Namespace, store, new_db: bool):

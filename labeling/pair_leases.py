@@ -102,7 +102,7 @@ class LeaseDesk:
             self._asked = {n: t for n, t in list(self._asked.items()) if t >= recent}
             names = list(self._asked)
         now = utc_now()
-        kinds, kind_args = ("TRUE", []) if strategies is None else ("list_contains(?, p.strategy)", [list(strategies)])
+        kinds, kind_args = ("TRUE", []) if strategies is None else ("p.strategy = ANY(?)", [list(strategies)])
         with self.store.read() as cur:
             sql = f"SELECT count(*) FROM pairs p WHERE {AVAILABLE} AND p.strategy <> 'own' AND {kinds}"
             counts = {None: cur.execute(sql, [now, *kind_args]).fetchone()[0]}
@@ -122,7 +122,7 @@ class LeaseDesk:
         The pair is leased to them again with a fresh lease, so it is the next pair they get, unless it went on to
         someone else after a skip (then only the skip is undone)."""
         annotator, now = annotator_name(annotator), utc_now()
-        with self.store.transaction() as cur:
+        with self.store.transaction(lock="pairs") as cur:
             row = cur.execute(
                 "SELECT c.id, c.pair_id FROM comparisons c WHERE c.annotator = ? AND c.source = 'ui' "
                 "AND c.choice <> 'undone' "
@@ -158,8 +158,8 @@ class LeaseDesk:
         """Votes, then leases (not of pairs voted on in this batch), then one UPDATE of every changed pair."""
         votes = [r for r in requests if isinstance(r, Vote)]
         names = [r for r in requests if not isinstance(r, Vote)]
-        now = utc_now()
-        with self.store.transaction() as cur:
+        with self.store.transaction(lock="pairs") as cur:  # on PostgreSQL: one app process at a time
+            now = utc_now()
             voted, changes = self._vote_batch(cur, votes, now) if votes else ([], {})
             leased = self._lease_batch(cur, names, now, changes) if names else []
             if changes:
@@ -202,13 +202,18 @@ class LeaseDesk:
             row[0]: row[1:]
             for row in cur.execute(
                 "SELECT id, status, leased_to, lease_expires, prompt_id, generation_a, generation_b, strategy "
-                "FROM pairs WHERE list_contains(?, id)",
+                "FROM pairs WHERE id = ANY(?)",
                 [[v.pair_id for v in votes]],
             ).fetchall()
         }
         changes, accepted, results = {}, [], []
+        earlier = self._earlier_votes(cur, [v.pair_id for v in votes if (pairs.get(v.pair_id) or ("",))[0] == "done"])
         for vote in votes:
             state = changes.get(vote.pair_id, pairs.get(vote.pair_id))
+            same = earlier.get((vote.pair_id, vote.annotator))
+            if vote.pair_id not in changes and same and same[1:] == (vote.choice, *_texts(vote)):
+                results.append(same[0])  # a repeat (a retry that reached another app process): the same id
+                continue
             problem = self._vote_problem(vote, state, now)
             results.append(problem)
             if problem is None:
@@ -228,6 +233,20 @@ class LeaseDesk:
         new_ids = iter(insert_comparisons(cur, rows, annotators=new_names))  # in the order of `accepted`
         self._known_annotators.update(new_names)
         return [r if r is not None else next(new_ids) for r in results], changes
+
+    @staticmethod
+    def _earlier_votes(cur, pair_ids: list[int]) -> dict[tuple[int, str], tuple]:
+        """{(pair, annotator): (comparison id, choice, rationale, edited answer)} of the active judgements of these
+        judged pairs, to tell a repeated vote from a new one."""
+        if not pair_ids:
+            return {}
+        rows = cur.execute(
+            "SELECT pair_id, annotator, id, choice, coalesce(rationale, ''), coalesce(edited_answer, '') "
+            "FROM comparisons c WHERE pair_id = ANY(?) AND choice <> 'undone' "
+            "AND NOT EXISTS (SELECT 1 FROM comparisons s WHERE s.supersedes = c.id)",
+            [pair_ids],
+        ).fetchall()
+        return {(row[0], row[1]): row[2:] for row in rows}
 
     def _vote_problem(self, vote: Vote, pair: tuple | None, now: datetime) -> ValueError | None:
         if pair is None:
@@ -264,10 +283,14 @@ class LeaseDesk:
                 "coalesce(ga.params->>'finish_reason' = 'length', false), "
                 "coalesce(gb.params->>'finish_reason' = 'length', false) FROM pairs p "
                 "JOIN prompts pr ON pr.id = p.prompt_id JOIN generations ga ON ga.id = p.generation_a "
-                "JOIN generations gb ON gb.id = p.generation_b WHERE list_contains(?, p.id)",
+                "JOIN generations gb ON gb.id = p.generation_b WHERE p.id = ANY(?)",
                 [list(set(pair_ids))],
             ).fetchall()
         return {int(r[0]): _view(r) for r in rows}
+
+
+def _texts(vote: Vote) -> tuple[str, str]:
+    return vote.rationale or "", vote.edited_answer or ""
 
 
 def _version(value: str | None) -> int | str | None:

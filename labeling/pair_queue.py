@@ -264,12 +264,13 @@ class PairQueue:
             rows = cur.execute(
                 f"""
                 WITH judged AS (SELECT prompt_id, count(*) AS n FROM effective_comparisons GROUP BY 1),
-                pending AS (SELECT prompt_id, count(*) AS n, count(*) FILTER (strategy = ? AND {AVAILABLE}) AS same
+                pending AS (SELECT prompt_id, count(*) AS n,
+                                   count(*) FILTER (WHERE strategy = ? AND {AVAILABLE}) AS same
                             FROM pairs WHERE status IN ('ready', 'leased') GROUP BY 1)
                 SELECT p.id, p.messages FROM prompts p
                 LEFT JOIN judged j ON j.prompt_id = p.id LEFT JOIN pending q ON q.prompt_id = p.id
-                WHERE p.source <> 'own' AND NOT list_contains(?::BIGINT[], p.id)
-                ORDER BY coalesce(q.same, 0) > 0 OR list_contains(?, p.id), coalesce(j.n, 0), coalesce(q.n, 0),
+                WHERE p.source <> 'own' AND NOT p.id = ANY(?::BIGINT[])
+                ORDER BY coalesce(q.same, 0) > 0 OR p.id = ANY(?::BIGINT[]), coalesce(j.n, 0), coalesce(q.n, 0),
                          random(), p.id
                 LIMIT ?""",
                 [strategy, self._now(), list(self.unusable), generating, count],
@@ -302,7 +303,7 @@ class PairQueue:
         """The engine now serves `version_id`. Ready 'self' pairs of other versions are retired (leased ones stay
         with their annotator) and so are ready 'versions' pairs without the new version; the refill thread then
         generates new 'self' pairs from it and, when 'versions' is on, candidate pairs (labeling/arena.py)."""
-        with self.store.transaction() as cur:
+        with self.store.transaction(lock="pairs") as cur:
             cur.execute(
                 """UPDATE pairs SET status = 'retired' WHERE status = 'ready' AND (
                      (strategy = 'self' AND generation_a IN (SELECT id FROM generations

@@ -201,6 +201,13 @@ class Services:
             serve(self.store, version_id, from_version, kind, evidence or {}, actor)
         self.queue.on_version_change(version_id)
 
+    def follow_serving(self) -> None:
+        """Serve what another app process on the same PostgreSQL store activated or promoted (its setting)."""
+        saved = self.store.get_setting("active_version")
+        if saved and saved.isdigit() and int(saved) != self.engine.active_version:
+            with self._activate_lock:
+                self._serve(int(saved))
+
     def restore_active_version(self) -> None:
         saved = self.store.get_setting("active_version")
         if saved and saved != "0":

@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _Parser(prog="python -m storage", description="Import, export and count judgements.")
     commands = parser.add_subparsers(dest="command", required=True)
-    db_help = "DuckDB file (default: $PREFLOOP_DB or data/prefloop.duckdb)"
+    db_help = "DuckDB file or postgresql://user@host/db URL (default: $PREFLOOP_DB or data/prefloop.duckdb)"
 
     imp = commands.add_parser("import", help="import a prompt list or a preference dataset")
     imp.add_argument("path", help="a .txt .csv .json .jsonl or .parquet file")

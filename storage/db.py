@@ -8,7 +8,6 @@ A database that cannot be opened (locked by another process, a read-only path, a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import threading
@@ -21,43 +20,20 @@ import duckdb
 from storage.commit import GroupCommit, Pending
 from storage.errors import StoreOpenError
 from storage.migrations import apply_migrations
-
-ROLES = ("system", "user", "assistant")
-CHOICES = ("A", "B", "tie", "both_bad", "skip")
-MAX_FIELD_CHARS = 1_000_000  # one prompt or answer; larger input is refused, not truncated
+from storage.postgres import PgConnections, SessionLock, duckdb_snapshot, is_postgres
+from storage.rows import (  # noqa: F401 - the row checks, importable from here as before
+    CHOICES,
+    MAX_FIELD_CHARS,
+    ROLES,
+    annotator_name,
+    canonical_messages,
+    check_judgement,
+    prompt_hash,
+)
 
 
 def default_db_path() -> str:
     return os.environ.get("PREFLOOP_DB", "data/prefloop.duckdb")
-
-
-def canonical_messages(prompt: str | list[dict]) -> list[dict]:
-    """A prompt as a validated chat: [{"role", "content"}...] ending with a user message."""
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError("the prompt is empty")
-        prompt = [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, list) or not prompt:
-        raise ValueError("a prompt must be a non-empty string or a non-empty list of chat messages")
-    messages = []
-    for i, message in enumerate(prompt):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ValueError(f"message {i + 1} needs a role among {', '.join(ROLES)}")
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise ValueError(f"message {i + 1} has no text content")
-        if len(content) > MAX_FIELD_CHARS:
-            raise ValueError(f"message {i + 1} is over {MAX_FIELD_CHARS:,} characters")
-        messages.append({"role": message["role"], "content": content})
-    if messages[-1]["role"] != "user":
-        raise ValueError("the last message of a prompt must come from the user")
-    if not messages[-1]["content"].strip():
-        raise ValueError("the prompt is empty")
-    return messages
-
-
-def prompt_hash(messages: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 COMPARISON_COLUMNS = (
@@ -80,21 +56,28 @@ class Store:
     def __init__(self, path: str | Path | None = None):
         path = str(path if path is not None else default_db_path())
         self.path = path
+        self.dialect = "postgres" if is_postgres(path) else "duckdb"  # storage/postgres.py: several app processes
         try:
-            if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._con = duckdb.connect(path)
-        except (duckdb.Error, OSError) as exc:
+            if self.dialect == "postgres":
+                self._con = PgConnections(path)
+            else:
+                if path != ":memory:":
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self._con = duckdb.connect(path)
+        except Exception as exc:  # duckdb.Error, OSError, psycopg.Error: one line naming the store
             raise StoreOpenError(path, exc) from None
         self._write_lock = threading.Lock()
+        self._session_locks: dict[str, SessionLock] = {}
         self._commits = GroupCommit(lambda: self._con.cursor(), self._write_lock, _insert_comparison_rows)
         try:
             apply_migrations(self._con)
-        except (duckdb.Error, OSError) as exc:  # e.g. the disk filled up while a new file was being set up
+        except Exception as exc:  # e.g. the disk filled up while a new file was being set up
             self._con.close()
             raise StoreOpenError(path, exc) from None
 
     def close(self) -> None:
+        for lock in self._session_locks.values():
+            lock.release()
         self._commits.close()
         with self._write_lock:
             self._con.close()
@@ -108,12 +91,38 @@ class Store:
         finally:
             cur.close()
 
+    def hold_lock(self, name: str) -> bool:
+        """Whether this process holds lock `name` ("runner": it runs the training queue), taking it when free.
+        A DuckDB file has one app process, which always does; on PostgreSQL the first process to ask holds it until
+        it ends (storage/postgres.py SessionLock)."""
+        if self.dialect == "duckdb":
+            return True
+        lock = self._session_locks.setdefault(name, SessionLock(self._con, name))
+        return lock.held()
+
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """One explicit transaction under the write lock: everything inside commits together or not at all."""
+    def analytics(self, tables: tuple[str, ...]) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A DuckDB cursor for exports and analytics over `tables`: the file itself, or on PostgreSQL a DuckDB copy
+        of those tables taken at one moment (storage/postgres.py duckdb_snapshot)."""
+        if self.dialect == "duckdb":
+            with self.read() as cur:
+                yield cur
+            return
+        con = duckdb_snapshot(self._con, tables)
+        try:
+            yield con.cursor()
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def transaction(self, lock: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One explicit transaction under the write lock: everything inside commits together or not at all.
+        `lock` ("pairs"): on PostgreSQL, also hold that advisory lock, so other app processes wait for it too."""
         with self._write_lock:
             cur = self._con.cursor()
             cur.execute("BEGIN")
+            if lock and self.dialect == "postgres":
+                cur.lock(lock)
             try:
                 yield cur
                 cur.execute("COMMIT")
@@ -359,7 +368,8 @@ def insert_comparisons(cur, rows: list[list], annotators: list[str] | None = Non
         cur.execute(
             f"INSERT INTO annotators (name) VALUES {', '.join(['(?)'] * len(names))} ON CONFLICT DO NOTHING", names
         )
-    ids = [r[0] for r in cur.execute("SELECT nextval('comparisons_id_seq') FROM range(?)", [len(rows)]).fetchall()]
+    sql = "SELECT nextval('comparisons_id_seq') FROM generate_series(1, ?)"
+    ids = [r[0] for r in cur.execute(sql, [len(rows)]).fetchall()]
     placeholders = ", ".join(["(" + ", ".join(["?"] * (len(COMPARISON_COLUMNS) + 1)) + ")"] * len(rows))
     params = [value for new_id, row in zip(ids, rows, strict=True) for value in (new_id, *row)]
     cur.execute(f"INSERT INTO comparisons (id, {', '.join(COMPARISON_COLUMNS)}) VALUES {placeholders}", params)
@@ -370,23 +380,6 @@ def _insert_comparison_rows(cur, items: list[Pending]) -> dict[int, int]:
     """The queued plain votes of one group commit, in one INSERT. Returns {id(item): comparison id}."""
     ids = insert_comparisons(cur, [item.row for item in items])
     return {id(item): new_id for new_id, item in zip(ids, items, strict=True)}
-
-
-def annotator_name(name: str) -> str:
-    """The stored form of an annotator's name (stripped); ValueError when there is none."""
-    name = (name or "").strip() if isinstance(name, str) else ""
-    if not name:
-        raise ValueError("every judgement needs an annotator name")
-    return name
-
-
-def check_judgement(choice: str, rationale: str | None, edited_answer: str | None) -> None:
-    """ValueError for a choice outside CHOICES or a rationale / edited answer over MAX_FIELD_CHARS."""
-    if choice not in CHOICES:
-        raise ValueError(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
-    for label, value in (("rationale", rationale), ("edited answer", edited_answer)):
-        if value is not None and len(value) > MAX_FIELD_CHARS:
-            raise ValueError(f"the {label} is over {MAX_FIELD_CHARS:,} characters")
 
 
 def _decode_version(row: dict) -> dict:

@@ -73,6 +73,18 @@ def push_to_hub(store, fmt: str, repo: str) -> int:
 
 
 # ---- reading the store ------------------------------------------------------------------------------------
+
+
+def ppo_prompt_rows(store) -> list[dict]:
+    """PPO prompts: those with comparisons first, then the rest."""
+    with store.read() as cur:
+        cur.execute(
+            "SELECT p.messages FROM prompts p LEFT JOIN (SELECT prompt_id, count(*) n FROM effective_comparisons "
+            "GROUP BY prompt_id) c ON c.prompt_id = p.id ORDER BY coalesce(c.n, 0) DESC, p.id"
+        )
+        return [{"prompt": json.loads(m) if isinstance(m, str) else m} for (m,) in cur.fetchall()]
+
+
 def _effective(store) -> list[dict]:
     with store.read() as cur:
         rows = cur.execute(
@@ -143,7 +155,8 @@ def _write_pairs(store, fmt: str, path: Path, suffix: str) -> int:
     prompt = "p.messages::VARCHAR" if jsonl else "p.messages::JSON::STRUCT(role VARCHAR, content VARCHAR)[]"
     rows = PAIR_ROWS.format(prompt=prompt, judged=JUDGED)
     sql = f"SELECT {JSON_LINE if jsonl else PARQUET_COLUMNS} FROM ({rows}) ORDER BY id, k"
-    with store.read() as cur, path.open("wb") if jsonl else pq.ParquetWriter(path, schema) as out:
+    tables = ("prompts", "generations", "comparisons")  # on PostgreSQL, DuckDB writes it from a copy of these
+    with store.analytics(tables) as cur, path.open("wb") if jsonl else pq.ParquetWriter(path, schema) as out:
         cur.execute("BEGIN TRANSACTION READ ONLY")  # every chunk sees the same moment
         starts = [
             row[0]

@@ -78,8 +78,8 @@ FROM (SELECT *,
 
 def bulk_import(store, path: Path, fmt: str, max_rows: int | None) -> dict | None:
     """Import the file in bulk, as import_file would; None when it must go row by row (nothing written then)."""
-    if path.suffix.lower() not in SUFFIXES or fmt not in ("auto", *BULK_FORMATS):
-        return None
+    if path.suffix.lower() not in SUFFIXES or fmt not in ("auto", *BULK_FORMATS) or store.dialect != "duckdb":
+        return None  # PostgreSQL: the row-by-row importer, which writes a file in a few statements there too
     try:
         with store.read() as cur:
             if not _load(cur, path):

@@ -19,6 +19,7 @@ from storage.db import MAX_FIELD_CHARS, prompt_hash
 from storage.errors import ImportFailed
 from storage.import_bulk import bulk_import
 from storage.import_formats import FORMATS, PARSERS, PROMPT_FORMATS, Item, detect_format, require_object
+from storage.migrations import dialect
 
 __all__ = ["FORMATS", "import_file", "read_records", "write_items"]
 
@@ -155,6 +156,9 @@ def _existing(cur, table: str, key_column: str, value_column: str, keys: list[st
         return {}
     import pyarrow as pa
 
+    if dialect(cur) == "postgres":
+        sql = f"SELECT {key_column}, {value_column} FROM {table} WHERE {key_column} = ANY(?::VARCHAR[])"
+        return dict(cur.execute(sql, [keys]).fetchall())
     cur.register("import_keys", pa.table({"key": pa.array(keys, pa.string())}))  # dropped with the cursor on error
     sql = f"SELECT t.{key_column}, t.{value_column} FROM {table} t JOIN import_keys k ON k.key = t.{key_column}"
     found = dict(cur.execute(sql).fetchall())
@@ -163,13 +167,26 @@ def _existing(cur, table: str, key_column: str, value_column: str, keys: list[st
 
 
 def _next_ids(cur, sequence: str, count: int) -> list[int]:
-    return [int(row[0]) for row in cur.execute(f"SELECT nextval('{sequence}') FROM range(?)", [count]).fetchall()]
+    return [
+        int(row[0])
+        for row in cur.execute(f"SELECT nextval('{sequence}') FROM generate_series(1, ?)", [count]).fetchall()
+    ]
 
 
 def _insert(cur, table: str, columns: dict[str, list], on_conflict: str = "") -> None:
     """One INSERT ... SELECT of many rows from an Arrow table registered on the cursor."""
     import pyarrow as pa
 
+    if dialect(cur) == "postgres":  # one multi-row INSERT per 1,000 rows (PostgreSQL cannot read an Arrow table)
+        names, rows = list(columns), list(zip(*columns.values(), strict=True))
+        for start in range(0, len(rows), 1000):
+            chunk = rows[start : start + 1000]
+            values = ", ".join(["(" + ", ".join(["?"] * len(names)) + ")"] * len(chunk))
+            cur.execute(
+                f"INSERT INTO {table} ({', '.join(names)}) VALUES {values} {on_conflict}",
+                [v for row in chunk for v in row],
+            )
+        return
     cur.register("import_rows", pa.table(columns))  # on error the cursor (and this view) is dropped unused
     names = ", ".join(columns)
     cur.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM import_rows {on_conflict}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+LOCK_KEY = 7101  # the advisory lock migrations run under on PostgreSQL (storage/postgres.py LOCKS["migrations"])
+
 
 def m001_initial(cur) -> None:
     for table in ("prompts", "generations", "pairs", "comparisons", "training_runs"):
@@ -78,6 +80,8 @@ def m005_effective_by_key(cur) -> None:
     """effective_comparisons finds superseded rows by key: one anti-join against the few rows that supersede another,
     instead of a NOT EXISTS per row, which DuckDB ran by materialising every column of every comparison (0.7 s to
     count a million; now a few ms, and a lookup by id or annotator stays a lookup)."""
+    if dialect(cur) == "postgres":  # PostgreSQL plans the NOT EXISTS as an anti-join itself (no ANTI JOIN syntax)
+        return
     cur.execute(
         """CREATE OR REPLACE VIEW effective_comparisons AS
             SELECT c.* FROM comparisons c
@@ -92,8 +96,11 @@ def m006_arena(cur) -> None:
     before it may serve; 'serving', 'retired' once something else serves, 'rejected' when judged clearly worse) and
     one `promotions` row per change of the served version, with the evidence it was made on."""
     cur.execute("ALTER TABLE model_versions ADD COLUMN status VARCHAR DEFAULT 'candidate'")
+    as_int = "try_cast(value AS INTEGER)"
+    if dialect(cur) == "postgres":
+        as_int = "CASE WHEN value ~ '^[0-9]{1,9}$' THEN value::INTEGER END"
     cur.execute(
-        """UPDATE model_versions SET status = CASE WHEN id = coalesce((SELECT try_cast(value AS INTEGER)
+        f"""UPDATE model_versions SET status = CASE WHEN id = coalesce((SELECT {as_int}
                 FROM app_settings WHERE key = 'active_version'), 0) THEN 'serving' ELSE 'retired' END
             WHERE kind = 'policy'"""
     )  # versions from before the arena were already served or servable: none waits for judgement
@@ -106,7 +113,37 @@ def m006_arena(cur) -> None:
     )  # kind: 'gate' (an admin promoted a candidate that passed), 'auto', 'override', 'rollback'
 
 
-MIGRATIONS: list[Callable] = [m001_initial, m002_settings, m003_reward_scores, m005_effective_by_key, m006_arena]
+def m007_postgres_indexes(cur) -> None:
+    """On PostgreSQL, the indexes the click path looks rows up by (DuckDB scans its column segments instead, and
+    an index there would slow every insert)."""
+    if dialect(cur) != "postgres":
+        return
+    for table, columns in (
+        ("pairs", "status, id"),
+        ("pairs", "leased_to"),
+        ("comparisons", "pair_id"),
+        ("comparisons", "supersedes"),
+        ("comparisons", "annotator, id"),
+        ("comparisons", "prompt_id"),
+        ("generations", "prompt_id"),
+    ):
+        name = f"{table}_{columns.replace(', ', '_')}_idx"
+        cur.execute(f"CREATE INDEX {name} ON {table} ({columns})")
+
+
+MIGRATIONS: list[Callable] = [
+    m001_initial,
+    m002_settings,
+    m003_reward_scores,
+    m005_effective_by_key,
+    m006_arena,
+    m007_postgres_indexes,
+]
+
+
+def dialect(cur) -> str:
+    """ "postgres" for a storage/postgres.py cursor, else "duckdb"."""
+    return getattr(cur, "dialect", "duckdb")
 
 
 def apply_migrations(con, migrations: list[Callable] | None = None) -> list[str]:
@@ -120,24 +157,32 @@ def apply_migrations(con, migrations: list[Callable] | None = None) -> list[str]
     if len(set(names)) != len(names):
         raise ValueError("two migrations share a name")
     cur = con.cursor()
-    cur.execute(
-        "CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP)"
-    )
-    done = {row[0] for row in cur.execute("SELECT name FROM migrations").fetchall()}
-    applied = []
-    for migration in migrations:
-        if migration.__name__ in done:
-            continue
-        cur.execute("BEGIN")
-        try:
-            migration(cur)
-            cur.execute(
-                "INSERT INTO migrations SELECT coalesce(max(id), 0) + 1, ?, now() FROM migrations",
-                [migration.__name__],
-            )
-            cur.execute("COMMIT")
-        except Exception:
-            cur.execute("ROLLBACK")
-            raise
-        applied.append(migration.__name__)
-    return applied
+    try:
+        if dialect(cur) == "postgres":  # two processes starting at once: one migrates, the other then finds it done
+            cur.execute("SELECT pg_advisory_lock(?)", [LOCK_KEY])
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS migrations "
+            "(id INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP)"
+        )
+        done = {row[0] for row in cur.execute("SELECT name FROM migrations").fetchall()}
+        applied = []
+        for migration in migrations:
+            if migration.__name__ in done:
+                continue
+            cur.execute("BEGIN")
+            try:
+                migration(cur)
+                cur.execute(
+                    "INSERT INTO migrations SELECT coalesce(max(id), 0) + 1, ?, now() FROM migrations",
+                    [migration.__name__],
+                )
+                cur.execute("COMMIT")
+            except Exception:
+                cur.execute("ROLLBACK")
+                raise
+            applied.append(migration.__name__)
+        return applied
+    finally:
+        if dialect(cur) == "postgres":
+            cur.execute("SELECT pg_advisory_unlock_all()")
+            cur.close()

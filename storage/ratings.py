@@ -45,7 +45,7 @@ BATTLES_SQL = f"""
     JOIN generations ga ON ga.id = c.generation_a
     JOIN generations gb ON gb.id = c.generation_b
 """
-_BATTLES = f"SELECT * FROM ({BATTLES_SQL}) WHERE model_a IS NOT NULL AND model_b IS NOT NULL AND model_a <> model_b"
+_BATTLES = f"SELECT * FROM ({BATTLES_SQL}) b WHERE model_a IS NOT NULL AND model_b IS NOT NULL AND model_a <> model_b"
 _SCORE_A = "CASE choice WHEN 'A' THEN 1.0 WHEN 'B' THEN 0.0 ELSE 0.5 END"  # ties and both_bad: half each
 
 
@@ -88,9 +88,12 @@ class BattleCounts:
 
 # ---- loading ----------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _cursor(source):
-    """A cursor from a Store (its read()) or a DuckDB connection or cursor used as it is."""
-    if hasattr(source, "read"):
+def _cursor(source, analytics: bool = True):
+    """A cursor from a Store (its analytics()) or a DuckDB connection or cursor used as it is."""
+    if hasattr(source, "analytics") and analytics:  # a Store: on PostgreSQL, a DuckDB copy of the tables read
+        with source.analytics(("generations", "comparisons")) as cur:
+            yield cur
+    elif hasattr(source, "read"):
         with source.read() as cur:
             yield cur
     else:
@@ -122,8 +125,8 @@ def battle_counts(source) -> BattleCounts:
                count(*) FILTER (WHERE (choice = 'A') = (model_a < model_b) AND choice IN ('A', 'B')) AS first_won,
                count(*) FILTER (WHERE (choice = 'A') = (model_a > model_b) AND choice IN ('A', 'B')) AS second_won,
                count(*) FILTER (WHERE choice NOT IN ('A', 'B')) AS tied
-        FROM ({_BATTLES}) GROUP BY 1, 2"""
-    with _cursor(source) as cur:
+        FROM ({_BATTLES}) battles GROUP BY 1, 2"""
+    with _cursor(source, analytics=False) as cur:  # plain SQL: PostgreSQL aggregates it itself
         rows = cur.execute(sql).fetchall()
     models = sorted({name for row in rows for name in row[:2]})
     code = {name: i for i, name in enumerate(models)}
@@ -303,9 +306,20 @@ def wilson_interval(rate: float, n: int, confidence: float = 0.95) -> tuple[floa
 
 
 def leaderboard_from_file(path: str | Path, bootstrap: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> list[dict]:
-    """The leaderboard of a database file opened read-only (for `python -m storage leaderboard`)."""
+    """The leaderboard of a database file opened read-only (for `python -m storage leaderboard`), or of a
+    PostgreSQL database (a URL)."""
     import duckdb
 
+    from storage.postgres import is_postgres
+
+    if is_postgres(str(path)):
+        from storage.db import Store
+
+        store = Store(str(path))
+        try:
+            return leaderboard(store, bootstrap=bootstrap, seed=seed)
+        finally:
+            store.close()
     if not Path(path).is_file():
         raise ValueError(f"{path}: no such file")
     try:

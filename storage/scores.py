@@ -9,12 +9,14 @@ from pathlib import Path
 SCORE_LIMIT = 100_000  # generations a new reward model scores after its run: the newest (the Data tab shows those)
 SAVE_CHUNK = 1_000  # scores per transaction: a vote waits for one at most (tens of ms under load)
 SAVE_PAUSE_S = 0.002
+TABLES = ("prompts", "generations", "reward_scores")  # what the unscored generations are read from (DuckDB SQL)
+UPSERT = " ON CONFLICT (generation_id, reward_model_id) DO UPDATE SET score = excluded.score"
 
 
 def generations_to_score(store, reward_model_id: int, limit: int | None = None) -> list[dict]:
     """The generations this reward model has not scored yet (the newest `limit`, oldest first), as (prompt
     messages, answer) rows."""
-    with store.read() as cur:
+    with store.analytics(TABLES) as cur:
         rows = cur.execute(
             f"SELECT generation_id, prompt::VARCHAR, answer FROM ({_unscored(limit)})", [reward_model_id]
         ).fetchall()
@@ -27,7 +29,7 @@ def write_generations_to_score(store, reward_model_id: int, path: str | Path, li
     """Write what generations_to_score returns to `path` as JSON Lines, straight from DuckDB (a million generations
     never become Python objects). Returns how many; an empty result writes no file."""
     path = Path(path)
-    with store.read() as cur:
+    with store.analytics(TABLES) as cur:
         count = cur.execute(f"SELECT count(*) FROM ({_unscored(limit)})", [reward_model_id]).fetchall()[0][0]
         if count:
             target = str(path).replace("'", "''")

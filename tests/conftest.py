@@ -61,3 +61,26 @@ def engine(tiny_model_dir):
     engine = GenerationEngine(str(tiny_model_dir), max_batch=8)
     yield engine
     engine.close()
+
+
+# ---- PostgreSQL: the storage and queue tests run on both backends (tests/pgserver.py) --------------------------
+@pytest.fixture(scope="session")
+def pg_server():
+    from tests.pgserver import PgServer
+
+    try:
+        server = PgServer()
+    except Exception as exc:  # noqa: BLE001 - no server here: skip, unless CI demands one
+        if os.environ.get("PREFLOOP_REQUIRE_PG") == "1":
+            raise
+        pytest.skip(f"no PostgreSQL for the tests: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def db_url(request, tmp_path) -> str:
+    """A fresh store location: a DuckDB file, or a new database on the test PostgreSQL server."""
+    if request.param == "duckdb":
+        return str(tmp_path / "store.duckdb")
+    return request.getfixturevalue("pg_server").new_database()

@@ -28,8 +28,8 @@ RUN = {"max_steps": 2, "batch_size": 2, "max_length": 64}  # a few seconds on th
 
 
 @pytest.fixture
-def store(tmp_path, tiny_model_dir):
-    store = Store(tmp_path / "arena.duckdb")
+def store(db_url, tmp_path, tiny_model_dir):
+    store = Store(db_url)
     store.set_base_model(str(tiny_model_dir))  # as the app does with --model: the candidates' adapters fit it
     for i in range(6):
         store.add_prompt(f"Question number {i}?", "test")

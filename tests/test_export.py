@@ -12,8 +12,8 @@ from storage.exporters import export, export_rows
 
 
 @pytest.fixture()
-def store(tmp_path):
-    store = Store(tmp_path / "export.duckdb")
+def store(db_url):
+    store = Store(db_url)
     yield store
     store.close()
 

@@ -15,8 +15,8 @@ QUICK = SamplingParams(max_new_tokens=6)
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = Store(tmp_path / "faults.duckdb")
+def store(db_url):
+    store = Store(db_url)
     for i in range(8):
         store.add_prompt(f"Question number {i}?", "test")
     yield store
@@ -65,7 +65,7 @@ def test_own_pairs_count_only_for_their_author(store, engine):
     list(stream)
     own = queue.add_own_pair("alice", [{"role": "user", "content": "Mine"}], *stream.result)
     with store.transaction() as cur:  # alice let the lease on her own pair run out
-        cur.execute("UPDATE pairs SET lease_expires = lease_expires - INTERVAL 31 SECOND")
+        cur.execute("UPDATE pairs SET lease_expires = lease_expires - INTERVAL '31 seconds'")
     assert queue.depth() == 0 and queue.progress()["ready"] == 0  # nobody else can be given it
     assert queue.depth("alice") == 1
     queue.start()

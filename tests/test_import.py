@@ -15,8 +15,8 @@ from storage.importers import import_file
 
 
 @pytest.fixture()
-def store(tmp_path):
-    store = Store(tmp_path / "import.duckdb")
+def store(db_url):
+    store = Store(db_url)
     yield store
     store.close()
 

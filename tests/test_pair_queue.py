@@ -23,8 +23,8 @@ QUICK = SamplingParams(max_new_tokens=6)  # answers from a random model: short i
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = Store(tmp_path / "queue.duckdb")
+def store(db_url):
+    store = Store(db_url)
     for i in range(6):
         store.add_prompt(f"Question number {i}?", "test")
     yield store
@@ -90,6 +90,9 @@ def test_leases_votes_and_skips(store, engine):
                 [comparison]) == [(alice["pair_id"], "alice", "B", "clearer", "ui")]  # fmt: skip
     with pytest.raises(ValueError, match="already judged"):
         queue.record_vote(alice["pair_id"], "alice", "A")
+    # The same vote again (a retry whose answer was lost, perhaps through another app process): the same id, no row.
+    assert queue.record_vote(alice["pair_id"], "alice", "B", rationale="clearer") == comparison
+    assert rows(store, "SELECT count(*) FROM comparisons WHERE pair_id = ?", [alice["pair_id"]]) == [(1,)]
     with pytest.raises(ValueError):  # a bad choice writes nothing
         queue.record_vote(bob["pair_id"], "bob", "maybe")
 
@@ -108,7 +111,7 @@ def test_an_expired_lease_is_refused_and_the_pair_goes_to_someone_else(store, en
     pair_id = queue.next_pair("alice")["pair_id"]
     assert queue.next_pair("bob") is None and queue.depth() == 0
     with store.transaction() as cur:  # half a minute later…
-        cur.execute("UPDATE pairs SET lease_expires = lease_expires - INTERVAL 31 SECOND")
+        cur.execute("UPDATE pairs SET lease_expires = lease_expires - INTERVAL '31 seconds'")
     assert queue.depth() == 1
     with pytest.raises(ValueError, match=f"your lease on pair {pair_id} expired"):
         queue.record_vote(pair_id, "alice", "A")
@@ -152,8 +155,8 @@ def test_undo_gives_the_pair_back_to_judge_again(store, engine):
     assert rows(store, "SELECT choice FROM effective_comparisons") == [("B",)]
 
 
-def test_the_queue_survives_a_restart(tmp_path, engine):
-    path = tmp_path / "restart.duckdb"
+def test_the_queue_survives_a_restart(db_url, engine):
+    path = db_url
     store = Store(path)
     for i in range(4):
         store.add_prompt(f"Prompt {i}", "test")
@@ -189,8 +192,8 @@ def test_an_empty_queue_answers_at_once_while_the_refill_runs(store, engine):
         queue.stop()
 
 
-def test_without_prompts_nothing_is_generated(tmp_path, engine):
-    store = Store(tmp_path / "empty.duckdb")
+def test_without_prompts_nothing_is_generated(db_url, engine):
+    store = Store(db_url)
     try:
         queue = PairQueue(store, engine, params=QUICK)
         with pytest.raises(ValueError, match="import prompts first"):

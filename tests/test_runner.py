@@ -20,8 +20,8 @@ QUICK = {"max_steps": 2, "batch_size": 2, "max_length": 64}  # a few seconds on 
 
 
 @pytest.fixture()
-def store(tmp_path):
-    store = Store(tmp_path / "runs.duckdb")
+def store(db_url):
+    store = Store(db_url)
     yield store
     store.close()
 

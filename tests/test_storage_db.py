@@ -13,8 +13,8 @@ from storage.db import Store, canonical_messages
 from storage.migrations import MIGRATIONS, apply_migrations
 
 
-def test_migrations_apply_in_memory_and_are_recorded():
-    store = Store(":memory:")
+def test_migrations_apply_and_are_recorded(db_url):
+    store = Store(db_url)
     with store.read() as cur:
         names = [r[0] for r in cur.execute("SELECT name FROM migrations ORDER BY id").fetchall()]
         tables = {r[0] for r in cur.execute("SELECT table_name FROM information_schema.tables").fetchall()}
@@ -51,6 +51,27 @@ def test_a_file_made_by_an_older_migration_set_upgrades_without_loss(tmp_path, a
     store.close()
 
 
+@pytest.mark.parametrize("already", range(1, len(MIGRATIONS)))
+def test_a_postgres_database_made_by_an_older_migration_set_upgrades_without_loss(pg_server, already):
+    from storage.postgres import PgConnections
+
+    url = pg_server.new_database()
+    connections = PgConnections(url)
+    apply_migrations(connections, MIGRATIONS[:already])
+    with connections.cursor() as cur:
+        cur.execute("INSERT INTO prompts (id, hash, messages, text, source) VALUES (nextval('prompts_id_seq'), 'h', "
+                    "'[]', 'hi', 't')")  # fmt: skip
+        if already >= 2:  # m002 made app_settings
+            cur.execute("INSERT INTO app_settings VALUES ('active_version', '0', now())")
+    connections.close()
+    store = Store(url)  # applies the rest
+    with store.read() as cur:
+        assert cur.execute("SELECT count(*) FROM migrations").fetchone()[0] == len(MIGRATIONS)
+        assert cur.execute("SELECT text FROM prompts").fetchall() == [("hi",)]
+    assert store.get_version(0)["status"] == "serving"
+    store.close()
+
+
 def test_migrations_are_known_by_name_not_by_position():
     """A list that gains an entry in the middle applies only that one; the others are not run again."""
     con = duckdb.connect(":memory:")
@@ -77,8 +98,8 @@ def test_migrations_are_known_by_name_not_by_position():
         apply_migrations(con, [m_first, m_first])
 
 
-def test_prompts_are_stored_once_and_validated():
-    store = Store(":memory:")
+def test_prompts_are_stored_once_and_validated(db_url):
+    store = Store(db_url)
     first = store.add_prompt("What is tea?", "test")
     assert store.add_prompt([{"role": "user", "content": "What is tea?"}], "other") == first
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is tea?"}]
@@ -97,8 +118,8 @@ def _pair(store):
     return prompt, store.add_generation(prompt, "a", model_version_id=0), store.add_generation(prompt, "b")
 
 
-def test_undo_is_a_superseding_row_and_bad_choices_are_refused():
-    store = Store(":memory:")
+def test_undo_is_a_superseding_row_and_bad_choices_are_refused(db_url):
+    store = Store(db_url)
     prompt, a, b = _pair(store)
     first = store.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator="ann", choice="A")
     store.undo_comparison(first, "ann")
@@ -115,8 +136,8 @@ def test_undo_is_a_superseding_row_and_bad_choices_are_refused():
     store.close()
 
 
-def test_sixteen_threads_write_3200_comparisons_all_present_none_twice(tmp_path):
-    store = Store(tmp_path / "c.duckdb")
+def test_sixteen_threads_write_3200_comparisons_all_present_none_twice(db_url):
+    store = Store(db_url)
     prompt, a, b = _pair(store)
     ids: list[int] = []
     lock = threading.Lock()
@@ -143,8 +164,8 @@ def test_sixteen_threads_write_3200_comparisons_all_present_none_twice(tmp_path)
     store.close()
 
 
-def test_a_committed_write_survives_a_hard_kill(tmp_path):
-    path = tmp_path / "kill.duckdb"
+def test_a_committed_write_survives_a_hard_kill(db_url):
+    path = db_url
     code = (
         f"import os; from storage.db import Store; s = Store({str(path)!r}); p = s.add_prompt('q', 't'); "
         "a = s.add_generation(p, 'a'); b = s.add_generation(p, 'b'); "

@@ -19,11 +19,11 @@ def counted_afresh(store) -> dict:
         return {
             "prompts": cur.execute("SELECT count(*) FROM prompts").fetchone()[0],
             "generations": cur.execute("SELECT count(*) FROM generations").fetchone()[0],
-            "comparisons": cur.execute(f"SELECT count(*) FROM ({EFFECTIVE})").fetchone()[0],
+            "comparisons": cur.execute(f"SELECT count(*) FROM ({EFFECTIVE}) e").fetchone()[0],
             "pairs_ready": cur.execute("SELECT count(*) FROM pairs WHERE status = 'ready'").fetchone()[0],
-            "per_choice": grouped(f"SELECT choice, count(*) FROM ({EFFECTIVE}) GROUP BY 1 ORDER BY 1"),
-            "per_annotator": grouped(f"SELECT annotator, count(*) FROM ({EFFECTIVE}) GROUP BY 1 ORDER BY 1"),
-            "per_source": grouped(f"SELECT source, count(*) FROM ({EFFECTIVE}) GROUP BY 1 ORDER BY 1"),
+            "per_choice": grouped(f"SELECT choice, count(*) FROM ({EFFECTIVE}) e GROUP BY 1 ORDER BY 1"),
+            "per_annotator": grouped(f"SELECT annotator, count(*) FROM ({EFFECTIVE}) e GROUP BY 1 ORDER BY 1"),
+            "per_source": grouped(f"SELECT source, count(*) FROM ({EFFECTIVE}) e GROUP BY 1 ORDER BY 1"),
             "per_model_version": grouped(
                 "SELECT coalesce('v' || g.model_version_id::VARCHAR, g.model_name, '?'), count(*) "
                 f"FROM ({EFFECTIVE}) c JOIN generations g ON g.id IN (c.generation_a, c.generation_b) "
@@ -34,7 +34,7 @@ def counted_afresh(store) -> dict:
 
 def today_afresh(store, name: str) -> int:
     with store.read() as cur:
-        sql = f"SELECT count(*) FROM ({EFFECTIVE}) WHERE annotator = ? AND created_at >= current_date"
+        sql = f"SELECT count(*) FROM ({EFFECTIVE}) e WHERE annotator = ? AND created_at >= current_date"
         return cur.execute(sql, [name]).fetchone()[0]
 
 
@@ -76,9 +76,10 @@ def check(store) -> None:
         assert vote_counts(store, name) == (counted_afresh(store)["comparisons"], today_afresh(store, name))
 
 
-def test_kept_counts_equal_counting_afresh_as_judgements_arrive(tmp_path):
+def test_kept_counts_equal_counting_afresh_as_judgements_arrive(db_url, monkeypatch):
+    monkeypatch.setattr("storage.tallies.PG_FRESH_SECONDS", 0)  # PostgreSQL: counts afresh, here at every call
     rng = random.Random(7)
-    store = Store(tmp_path / "t.duckdb")
+    store = Store(db_url)
     check(store)  # empty
     for _ in range(4):
         add_judgements(store, rng, 40)
@@ -110,12 +111,12 @@ def test_a_new_process_starts_from_the_snapshot_and_a_restore_below_the_watermar
     store.close()
 
 
-def test_recent_comparisons_are_the_newest_effective_ones():
+def test_recent_comparisons_are_the_newest_effective_ones(db_url):
     rng = random.Random(1)
-    store = Store(":memory:")
+    store = Store(db_url)
     add_judgements(store, rng, 80)
     with store.read() as cur:
-        expected = [r[0] for r in cur.execute(f"SELECT id FROM ({EFFECTIVE}) ORDER BY id DESC LIMIT 7").fetchall()]
+        expected = [r[0] for r in cur.execute(f"SELECT id FROM ({EFFECTIVE}) e ORDER BY id DESC LIMIT 7").fetchall()]
     assert [row["id"] for row in store.recent_comparisons(7)] == expected
     assert len(store.recent_comparisons(1000)) == counted_afresh(store)["comparisons"]
     store.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from storage.exporters import export_rows
+from storage.exporters import export_rows, ppo_prompt_rows
 from storage.scores import load_score_file, save_scores, write_generations_to_score
 from storage.tallies import usable_pairs
 from training.children import Children
@@ -28,6 +28,7 @@ from training.files import write_jsonl
 from training.run_folder import end_event, log_tail, read_json, read_progress
 
 METHODS = ("dpo", "reward", "ppo", "kto", "sft", "sft_dpo", "auto")  # auto: training/datamix.py picks one
+CANCEL_KEY = "cancel_run:"  # app_settings key + run id: cancel a run another app process watches
 MIN_PAIRS = 4  # below this a preference run learns nothing but noise
 
 
@@ -75,7 +76,8 @@ class JobRunner:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.recover()
+        self._owner = False  # this process runs the queue (always on DuckDB; one app process of several on PostgreSQL)
+        self._take_queue()
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -98,6 +100,17 @@ class JobRunner:
                 self.tick()
             except Exception as exc:  # the loop must outlive one bad tick; the error is logged
                 print(f"job runner: {exc!r}", file=sys.stderr)
+
+    def _take_queue(self) -> bool:
+        """Whether this process runs the queue: several app processes on one PostgreSQL store share the runs, and
+        only the holder of the store's "runner" lock starts, watches and records children (one run at a time for
+        the whole store). It takes over, adopting or recording what was running, when the holder's process ends."""
+        owner = self.store.hold_lock("runner")
+        if owner and not self._owner:
+            self._owner = True
+            self.recover()
+        self._owner = owner
+        return owner
 
     def recover(self) -> None:
         """After a restart: adopt a child still running (watch it, Cancel reaches it), else record how it ended."""
@@ -183,7 +196,7 @@ class JobRunner:
 
     def _snapshot_rows(self, method: str) -> tuple[list[dict], list[int]]:
         if method == "ppo":
-            return _prompt_rows(self.store), []
+            return ppo_prompt_rows(self.store), []
         rows = export_rows(self.store, EXPORT_FORMATS[method], with_ids=True)
         ids = sorted({int(r.pop("comparison_id")) for r in rows})
         return rows, ids
@@ -193,6 +206,10 @@ class JobRunner:
         """Reap ended children (ours, or adopted after a restart), then start the oldest queued run if nothing is
         running. A 'running' row nobody watches is checked too, so none stays 'running' forever."""
         with self._lock:
+            if not self._take_queue():
+                return  # another app process runs the queue: it starts what we queued
+            for run_id in self._cancel_requests():
+                self._children.terminate(run_id)
             for run_id, returncode in self._children.ended():
                 self._end(run_id, returncode)
             for row in self._rows("status = 'running'"):  # e.g. recording its end failed before: try again
@@ -285,6 +302,9 @@ class JobRunner:
                 return "cancelled before it started"
             if row["status"] != "running":
                 return f"run {run_id} is already {row['status']}"
+            if not self._owner:  # another app process watches the child: it stops it at its next tick
+                self.store.set_setting(f"{CANCEL_KEY}{run_id}", "requested")
+                return "stopping at the next step"
             self._children.terminate(run_id)  # adopted children only while their pid and start time still match
             return "stopping at the next step"
 
@@ -322,6 +342,19 @@ class JobRunner:
                 return status
             time.sleep(0.2)
         raise TimeoutError(f"run {run_id} did not end within {timeout} s")
+
+    def _cancel_requests(self) -> list[int]:
+        """Runs another app process was asked to cancel (app_settings rows, each taken once; PostgreSQL only)."""
+        if self.store.dialect == "duckdb":
+            return []  # one app process: cancel() stops the child itself
+        like = [CANCEL_KEY + "%"]
+        with self.store.read() as cur:
+            if not cur.execute("SELECT key FROM app_settings WHERE key LIKE ?", like).fetchall():
+                return []
+        with self.store.transaction() as cur:
+            keys = [r[0] for r in cur.execute("SELECT key FROM app_settings WHERE key LIKE ?", like).fetchall()]
+            cur.execute("DELETE FROM app_settings WHERE key = ANY(?)", [keys])
+        return [int(key[len(CANCEL_KEY) :]) for key in keys]
 
     # ---- rows ------------------------------------------------------------------------------------------
     def _rows(self, where: str, params: list | None = None) -> list[dict]:
@@ -361,13 +394,3 @@ def validate_settings(method: str, settings: dict) -> None:
         raise RunRejected("lora dropout must be in [0, 1)")
     if method == "ppo" and settings.get("reward_model") and not Path(settings["reward_model"]).is_dir():
         raise RunRejected(f"reward model folder {settings['reward_model']} does not exist")
-
-
-def _prompt_rows(store) -> list[dict]:
-    """PPO prompts: those with comparisons first, then the rest."""
-    with store.read() as cur:
-        cur.execute(
-            "SELECT p.messages FROM prompts p LEFT JOIN (SELECT prompt_id, count(*) n FROM effective_comparisons "
-            "GROUP BY prompt_id) c ON c.prompt_id = p.id ORDER BY coalesce(c.n, 0) DESC, p.id"
-        )
-        return [{"prompt": json.loads(m) if isinstance(m, str) else m} for (m,) in cur.fetchall()]
