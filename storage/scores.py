@@ -51,26 +51,15 @@ def save_scores(store, reward_model_id: int, scores: list[tuple[int, float]], ch
     """Store (generation id, score) pairs for one reward model (a later score of the same generation wins); returns
     how many. Written `chunk` rows per transaction, with a pause between, so votes (which need the same write lock)
     wait for one chunk at most, never for the whole file; saving again is harmless."""
-    import pyarrow as pa
-
     latest = {int(g): float(s) for g, s in scores}
     ids, values = list(latest), list(latest.values())
     for start in range(0, len(ids), chunk):
-        rows = pa.table(
-            {
-                "generation_id": pa.array(ids[start : start + chunk], pa.int64()),
-                "score": pa.array(values[start : start + chunk], pa.float64()),
-            }
-        )
-        with store.transaction() as cur:
-            cur.register("new_scores", rows)
-            cur.execute(
+        with store.transaction() as cur:  # one statement, the rows as list parameters: no Arrow table to register,
+            cur.execute(  # whose first scan in a process imports pyarrow.compute (~0.3 s) while holding the lock
                 "INSERT INTO reward_scores (generation_id, reward_model_id, score) "
-                "SELECT generation_id, ?, score FROM new_scores "
-                "ON CONFLICT (generation_id, reward_model_id) DO UPDATE SET score = excluded.score",
-                [int(reward_model_id)],
+                "SELECT unnest(?::BIGINT[]), ?, unnest(?::DOUBLE[])" + UPSERT,
+                [ids[start : start + chunk], int(reward_model_id), values[start : start + chunk]],
             )
-            cur.unregister("new_scores")
         time.sleep(SAVE_PAUSE_S)  # let a waiting vote take the write lock before the next chunk
     return len(scores)
 
