@@ -46,8 +46,8 @@ def write_prefs(path: Path) -> Path:
     return path
 
 
-def test_import_prints_one_json_line_and_reimport_adds_nothing(tmp_path):
-    db, prefs = tmp_path / "cli.duckdb", write_prefs(tmp_path / "prefs.jsonl")
+def test_import_prints_one_json_line_and_reimport_adds_nothing(tmp_path, db_url):
+    db, prefs = db_url, write_prefs(tmp_path / "prefs.jsonl")
     first = run_cli("import", str(prefs), "--db", str(db))
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout) == {"format": "trl", "prompts": 2, "comparisons": 2}
@@ -80,8 +80,8 @@ def test_import_errors_are_one_line_and_write_nothing(tmp_path):
     assert not missing_db.exists()  # a failed import does not even create the database
 
 
-def test_export_and_stats(tmp_path):
-    db = tmp_path / "cli.duckdb"
+def test_export_and_stats(tmp_path, db_url):
+    db = db_url
     run_cli("import", str(write_prefs(tmp_path / "prefs.jsonl")), "--db", str(db))
     out = tmp_path / "dpo.parquet"
     result = run_cli("export", "--format", "dpo", "--out", str(out), "--db", str(db))
@@ -94,6 +94,12 @@ def test_export_and_stats(tmp_path):
     assert stats.returncode == 0, stats.stderr
     summary = json.loads(stats.stdout)
     assert (summary["prompts"], summary["comparisons"], summary["per_source"]) == (2, 2, {"import:trl": 2})
+    board = run_cli("leaderboard", "--db", str(db))  # trl rows: the chosen side won both battles
+    assert board.returncode == 0, board.stderr
+    assert [(m["model"], m["battles"]) for m in json.loads(board.stdout)] == [
+        ("import:chosen", 2),
+        ("import:rejected", 2),
+    ]
 
 
 def test_export_errors(tmp_path):
