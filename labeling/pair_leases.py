@@ -202,8 +202,7 @@ class LeaseDesk:
             row[0]: row[1:]
             for row in cur.execute(
                 "SELECT id, status, leased_to, lease_expires, prompt_id, generation_a, generation_b, strategy "
-                "FROM pairs WHERE id = ANY(?)",
-                [[v.pair_id for v in votes]],
+                f"FROM pairs WHERE id IN ({_ints({v.pair_id for v in votes})})",  # literal ids: a lookup, not a scan
             ).fetchall()
         }
         changes, accepted, results = {}, [], []
@@ -273,20 +272,43 @@ class LeaseDesk:
         return row[0] if row else None
 
     def views(self, pair_ids: list[int]) -> dict[int, dict]:
-        """What the page shows of each pair, read in one query."""
-        if not pair_ids:
+        """What the page shows of each pair: the pairs, then their prompts and answers, each looked up by id in a
+        literal IN list (an index lookup; one query joining the three scanned every generation at a million)."""
+        ids = sorted({int(i) for i in pair_ids})
+        if not ids:
             return {}
         with self.store.read() as cur:
-            rows = cur.execute(
-                "SELECT p.id, pr.messages, ga.text, gb.text, coalesce(ga.model_version_id::VARCHAR, ga.model_name), "
-                "coalesce(gb.model_version_id::VARCHAR, gb.model_name), p.strategy, "
-                "coalesce(ga.params->>'finish_reason' = 'length', false), "
-                "coalesce(gb.params->>'finish_reason' = 'length', false) FROM pairs p "
-                "JOIN prompts pr ON pr.id = p.prompt_id JOIN generations ga ON ga.id = p.generation_a "
-                "JOIN generations gb ON gb.id = p.generation_b WHERE p.id = ANY(?)",
-                [list(set(pair_ids))],
+            pairs = cur.execute(
+                f"SELECT id, prompt_id, generation_a, generation_b, strategy FROM pairs WHERE id IN ({_ints(ids)})"
             ).fetchall()
-        return {int(r[0]): _view(r) for r in rows}
+            if not pairs:
+                return {}
+            answers = {
+                row[0]: row[1:]
+                for row in cur.execute(
+                    "SELECT id, text, coalesce(model_version_id::VARCHAR, model_name), "
+                    "coalesce(params->>'finish_reason' = 'length', false) FROM generations "
+                    f"WHERE id IN ({_ints({g for p in pairs for g in p[2:4]})})"
+                ).fetchall()
+            }
+            prompts = dict(
+                cur.execute(
+                    f"SELECT id, messages FROM prompts WHERE id IN ({_ints({p[1] for p in pairs})})"
+                ).fetchall()
+            )
+        views = {}
+        for pair_id, prompt_id, gen_a, gen_b, strategy in pairs:
+            if prompt_id in prompts and gen_a in answers and gen_b in answers:
+                (text_a, version_a, cut_a), (text_b, version_b, cut_b) = answers[gen_a], answers[gen_b]
+                views[int(pair_id)] = _view(
+                    (pair_id, prompts[prompt_id], text_a, text_b, version_a, version_b, strategy, cut_a, cut_b)
+                )
+        return views
+
+
+def _ints(values) -> str:
+    """A literal SQL list of integers (ids from the store itself)."""
+    return ", ".join(str(int(v)) for v in sorted(values))
 
 
 def _texts(vote: Vote) -> tuple[str, str]:

@@ -75,11 +75,16 @@ class Store:
             self._con.close()
             raise StoreOpenError(path, exc) from None
 
-    def close(self) -> None:
+    def close(self, checkpoint: bool = True) -> None:
+        """`checkpoint=False`: a DuckDB file keeps what this process wrote in its WAL, replayed by the next opener,
+        instead of checkpointing at close (after a bulk import that first checkpoint rewrites the unique indexes:
+        1.5–2.5 s at a million comparisons, for a command that only read)."""
         for lock in self._session_locks.values():
             lock.release()
         self._commits.close()
         with self._write_lock:
+            if not checkpoint and self.dialect == "duckdb":
+                self._con.execute("PRAGMA disable_checkpoint_on_shutdown")
             self._con.close()
 
     # ---- cursors and transactions -------------------------------------------------------------------------
