@@ -3,7 +3,8 @@
 A taste judges a pair: the side that has the property wins; both or neither → a tie (or 'both_bad' when asked).
 Each rule was tuned so that it holds for 30–70 % of the bundled model's own answers (a taste that almost always or
 almost never holds gives no usable votes, and a win-rate against it measures nothing); `python bench/loop.py
---shares` measures that share on fresh answers and prints it.
+--shares` measures that share on fresh answers and prints it. No taste holds for a degenerate answer (under 10
+words, or looping): an annotator who likes lists does not prefer a list that loops.
 """
 
 from __future__ import annotations
@@ -54,9 +55,19 @@ def gives_example(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Taste:
+    """`has` is the property; `holds` is what the annotator sees: the property in an answer that is not degenerate.
+
+    A looping answer split into paragraphs is "structured", and one that loops after "for example" gives an example,
+    but nobody who likes lists or examples prefers it: with `has` alone the list taste chose 3 looping answers over
+    clean ones among its 17 decisive pairs (and never the reverse), and training learned to loop (bench/README.md).
+    """
+
     name: str
     description: str
-    holds: Callable[[str], bool]
+    has: Callable[[str], bool]
+
+    def holds(self, text: str) -> bool:
+        return self.has(text) and not is_degenerate(text)
 
     def judge(self, answer_a: str, answer_b: str, neither: str = "tie") -> str:
         """'A' or 'B' when exactly one side has the property; 'tie' when both have it; `neither` when none does."""
