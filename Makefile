@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test lint format setup setup-dev bench clean
+.PHONY: run test lint format setup setup-dev postgres bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,7 +26,12 @@ $(CHROMIUM):
 
 setup: $(STAMP)
 
-setup-dev: $(DEV_STAMP) $(CHROMIUM)
+# The storage and queue tests also run on PostgreSQL (tests/pgserver.py starts a throwaway cluster).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql) \
+		|| echo "warning: could not install postgresql (its test variants are skipped)"
+
+setup-dev: $(DEV_STAMP) $(CHROMIUM) postgres
 
 run: setup
 	$(BIN)/python app.py $(ARGS)

@@ -96,6 +96,7 @@ def test_restart_marks_orphans_failed_and_keeps_the_queue(store, tmp_path, tiny_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["duckdb"], indirect=True)  # the runner on PostgreSQL: the tiny-model tests
 def test_dpo_on_the_bundled_model_end_to_end(store, tmp_path, bundled_model_dir):
     """~40 comparisons → a real DPO run through the runner → a version that changes what the engine says."""
     from generation.engine import GenerationEngine
