@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -20,8 +21,8 @@ class StoreOpenError(RuntimeError):
     """The database file cannot be opened or set up. str() is one line saying why and what to do."""
 
     def __init__(self, path: str | Path, cause: BaseException):
-        self.path, self.cause = str(path), cause
-        text = " ".join(str(cause).split())
+        self.path, self.cause = without_password(str(path)), cause
+        text = " ".join(str(cause).split()).replace(str(path), self.path)
         low = text.lower()
         if "lock" in low and ("conflicting" in low or "could not set" in low):
             holder = text[text.find("(PID") :].split(")")[0] + ")" if "(PID" in text else ""
@@ -33,3 +34,8 @@ class StoreOpenError(RuntimeError):
         else:
             why = text
         super().__init__(f"cannot open the database {self.path}: {why}")
+
+
+def without_password(location: str) -> str:
+    """A database URL as it may be shown or logged: postgresql://user:secret@host/db → postgresql://user:***@host/db."""
+    return re.sub(r"^(postgres(?:ql)?://[^:/@]*):[^@]*@", r"\1:***@", location)

@@ -175,3 +175,13 @@ def test_a_committed_write_survives_a_hard_kill(db_url):
     store = Store(path)
     assert store.stats()["comparisons"] == 1
     store.close()
+
+
+def test_an_unreachable_postgres_store_is_one_error_without_its_password():
+    from storage.errors import StoreOpenError
+
+    with pytest.raises(StoreOpenError) as caught:
+        Store("postgresql://team:s3cret@127.0.0.1:1/prefloop")  # nothing listens on port 1
+    message = str(caught.value)
+    assert "s3cret" not in message and "postgresql://team:***@127.0.0.1:1/prefloop" in message
+    assert "\n" not in message and "Connection refused" in message
