@@ -17,14 +17,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(tmp_path: Path, model_dir: Path, *extra: str, queue_size: int = 8, wait_pairs: int = 1):
-    """Yields (url, services) with a filled pair queue; closes everything afterwards."""
+def running_app(tmp_path: Path, model_dir: Path, *extra: str, queue_size: int = 8, wait_pairs: int = 1,
+                db: str | None = None):  # fmt: skip
+    """Yields (url, services) with a filled pair queue; closes everything afterwards. `db`: default a DuckDB file."""
     from ui.app import build_app
 
     port = free_port()
     args = prefloop_app.parse_args(
         [
-            "--db", str(tmp_path / "app.duckdb"), "--model", str(model_dir), "--port", str(port),
+            "--db", db or str(tmp_path / "app.duckdb"), "--model", str(model_dir), "--port", str(port),
             "--runs-dir", str(tmp_path / "runs"), "--queue-size", str(queue_size), "--max-new-tokens", "24",
             "--lease-minutes", "10", *extra,
         ]
