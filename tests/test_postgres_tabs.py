@@ -4,11 +4,13 @@ Leaderboard tabs show (their handlers, as the page calls them), then an export t
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from labeling.access import Access
 from tests.apphelpers import running_app
+from tests.test_engine import make_adapter
 from ui.data_tab import DataHandlers
 from ui.leaderboard_tab import LeaderboardHandlers
 from ui.train_tab import TrainHandlers
@@ -44,3 +46,13 @@ def test_the_tabs_work_on_postgres(pg_server, tmp_path, tiny_model_dir, monkeypa
         assert export(services.store, "dpo", out) == 2  # written by DuckDB from a copy of the PostgreSQL tables
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert all(row["chosen"][0]["role"] == "assistant" for row in rows)
+
+        # Another app process on this store serves a new version (its setting): this one follows within 10 s.
+        store = services.store
+        adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+        version = store.add_version(base_model=store.get_version(0)["base_model"], adapter_path=str(adapter))
+        store.set_setting("active_version", str(version))
+        deadline = time.monotonic() + 30
+        while services.engine.active_version != version:
+            assert time.monotonic() < deadline, "the served version was not followed"
+            time.sleep(0.2)
