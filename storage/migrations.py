@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-LOCK_KEY = 7101  # the advisory lock migrations run under on PostgreSQL (storage/postgres.py LOCKS["migrations"])
+from storage.postgres import LOCKS
 
 
 def m001_initial(cur) -> None:
@@ -159,7 +159,7 @@ def apply_migrations(con, migrations: list[Callable] | None = None) -> list[str]
     cur = con.cursor()
     try:
         if dialect(cur) == "postgres":  # two processes starting at once: one migrates, the other then finds it done
-            cur.execute("SELECT pg_advisory_lock(?)", [LOCK_KEY])
+            cur.execute("SELECT pg_advisory_lock(?)", [LOCKS["migrations"]])
         cur.execute(
             "CREATE TABLE IF NOT EXISTS migrations "
             "(id INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP)"

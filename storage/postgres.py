@@ -210,15 +210,14 @@ def duckdb_snapshot(connections: PgConnections, tables: tuple[str, ...]):
         with tempfile.TemporaryDirectory(prefix="prefloop-pg-") as folder:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             for table in tables:
-                columns = [row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()]
+                types = {row[0]: row[1] for row in con.execute(f"DESCRIBE {table}").fetchall()}  # in column order
                 path = Path(folder) / f"{table}.csv"
-                if not _copy_out(conn, table, columns, path):
+                if not _copy_out(conn, table, list(types), path):
                     continue  # no rows (DuckDB cannot read an empty CSV file)
-                types = {row[0]: row[1] for row in con.execute(f"DESCRIBE {table}").fetchall()}
                 con.execute(
                     f"INSERT INTO {table} SELECT * FROM read_csv(?, header = false, columns = ?, delim = ',', "
                     "quote = '\"', escape = '\"', nullstr = '', allow_quoted_nulls = false, auto_detect = false)",
-                    [str(path), {name: types[name] for name in columns}],
+                    [str(path), types],
                 )
             conn.execute("COMMIT")
     finally:

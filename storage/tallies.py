@@ -159,9 +159,7 @@ class Tally:
                 changes = self._measure(cur, low)
             finally:
                 cur.execute("ROLLBACK")  # it wrote nothing
-        counts = {dim: Counter(keys) for dim, keys in state["counts"].items()}
-        for dim, key, n in changes:
-            counts.setdefault(dim, Counter())[key] += int(n or 0)
+        counts = _added(state["counts"], changes)
         day = counts.get("day", Counter())
         counts["day"] = Counter({key: n for key, n in day.items() if key[:10] >= today})  # only today's are read
         counts = {dim: {key: n for key, n in keys.items() if n} for dim, keys in counts.items()}
@@ -177,9 +175,7 @@ class Tally:
             params = [WHITESPACE] if self.name == "usable" else None
             changes = fold(cur.execute(PG_MEASURES[self.name], params).fetchall())
             today = cur.execute("SELECT current_date::VARCHAR").fetchone()[0]
-        counts: dict[str, Counter] = {}
-        for dim, key, n in changes:
-            counts.setdefault(dim, Counter())[key] += int(n or 0)
+        counts = _added({}, changes)
         self._state = {"at": at, "today": today, "counts": {dim: dict(keys) for dim, keys in counts.items()}}
 
     def _measure(self, cur, low: int) -> list[tuple[str, str, int]]:
@@ -201,6 +197,14 @@ class Tally:
     def _save(self) -> None:
         self.store.set_setting(self.setting, json.dumps(self._state, ensure_ascii=False))
         self._saved_high = self._state["high"]
+
+
+def _added(counts: dict, changes: list[tuple[str, str, int]]) -> dict[str, Counter]:
+    """counts ({dimension: {key: n}}) plus the signed (dimension, key, n) changes."""
+    total = {dim: Counter(keys) for dim, keys in counts.items()}
+    for dim, key, n in changes:
+        total.setdefault(dim, Counter())[key] += int(n or 0)
+    return total
 
 
 _TALLIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
