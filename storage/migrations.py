@@ -131,6 +131,30 @@ def m007_postgres_indexes(cur) -> None:
         cur.execute(f"CREATE INDEX {name} ON {table} ({columns})")
 
 
+def m008_keys_without_unique_index(cur) -> None:
+    """On DuckDB, prompts.hash and comparisons.dedupe_key lose their UNIQUE constraints (the tables are rebuilt: DuckDB
+    cannot drop a constraint). DuckDB rewrote those two ART indexes whole at every checkpoint, so each bulk import's
+    commit grew with the store (1 s of a 100,000-row import at a million comparisons; duckdb/duckdb#24848). Nothing
+    relied on them to refuse a row: every writer looks keys up first under the store's one write lock (the importers
+    by join, Store.add_prompt and add_comparison by key). PostgreSQL, with several writing processes, keeps them."""
+    if dialect(cur) == "postgres":
+        return
+    tables = {
+        "prompts": """id BIGINT PRIMARY KEY, hash VARCHAR NOT NULL, messages JSON NOT NULL, text VARCHAR NOT NULL,
+            source VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL DEFAULT now()""",
+        "comparisons": """id BIGINT PRIMARY KEY, pair_id BIGINT, prompt_id BIGINT NOT NULL,
+            generation_a BIGINT NOT NULL, generation_b BIGINT NOT NULL, annotator VARCHAR NOT NULL,
+            choice VARCHAR NOT NULL, rationale VARCHAR, edited_answer VARCHAR, time_spent_s DOUBLE,
+            source VARCHAR NOT NULL, supersedes BIGINT, dedupe_key VARCHAR,
+            created_at TIMESTAMP NOT NULL DEFAULT now()""",
+    }  # the columns of m001_initial, which no later migration changed
+    for table, columns in tables.items():
+        cur.execute(f"CREATE TABLE {table}_rebuilt ({columns})")
+        cur.execute(f"INSERT INTO {table}_rebuilt SELECT * FROM {table}")  # in the same order
+        cur.execute(f"DROP TABLE {table}")
+        cur.execute(f"ALTER TABLE {table}_rebuilt RENAME TO {table}")
+
+
 MIGRATIONS: list[Callable] = [
     m001_initial,
     m002_settings,
@@ -138,6 +162,7 @@ MIGRATIONS: list[Callable] = [
     m005_effective_by_key,
     m006_arena,
     m007_postgres_indexes,
+    m008_keys_without_unique_index,
 ]
 
 
