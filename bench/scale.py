@@ -61,7 +61,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each tab handler (median)")
     parser.add_argument("--work", type=Path, help="folder for the stores (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--skip", action="append", default=[], help="skip a part: app, cli, scoring, export, import")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        help="skip a part: app, cli, labeling (voting, tabs, scoring), scoring, export, import",
+    )
     args = parser.parse_args()
     if args.quick:
         args.comparisons, args.rounds, args.scores = min(args.comparisons, 20_000), 10, 10_000
@@ -350,9 +355,12 @@ def import_rate(store, folder: Path, start: int, count: int) -> dict:
 
     path = folder / "extra.parquet"
     scale_data.write_chunk(path, start, count, scale_data.answer_pool())
+    cpu = time.process_time()
     seconds, summary = timed(import_file, store, path, "arena")
+    cpu = time.process_time() - cpu  # every thread of this process: the import's CPU, whatever else runs
     path.unlink()
-    return {"import_one_file_s": seconds, "import_per_s": summary["comparisons"] / seconds}
+    return {"import_one_file_s": seconds, "import_per_s": summary["comparisons"] / seconds, "import_cpu_s": cpu,
+            "import_load": os.getloadavg()[0]}  # fmt: skip
 
 
 # ---- one store, all figures ------------------------------------------------------------------------------------
@@ -363,17 +371,18 @@ def measure(db: Path, folder: Path, args: argparse.Namespace, next_id: int, mode
 
     figures: dict[str, object] = {}
     store = Store(db)
-    fill(store, args.callers * (2 * args.rounds + 8) + 50)
-    steps, log_mb = (2_000, 2) if args.quick else (20_000, 20)
-    run_id = add_running_run(store, folder / "runs", steps=steps, log_mb=log_mb)
-    figures["stats_first_ms"] = timed(store.stats)[0] * 1000
-    figures["stats_ms"] = statistics.median(timed(store.stats)[0] * 1000 for _ in range(min(3, args.repeats)))
-    services = make_services(store, folder / "runs")
-    print("  voting ...", flush=True)
-    figures.update(vote_rounds(services, args.callers, args.rounds))
-    print("  tab refreshes ...", flush=True)
-    figures.update(refreshes(services, run_id, args.callers, args.repeats))
-    if "scoring" not in args.skip:
+    if "labeling" not in args.skip:
+        fill(store, args.callers * (2 * args.rounds + 8) + 50)
+        steps, log_mb = (2_000, 2) if args.quick else (20_000, 20)
+        run_id = add_running_run(store, folder / "runs", steps=steps, log_mb=log_mb)
+        figures["stats_first_ms"] = timed(store.stats)[0] * 1000
+        figures["stats_ms"] = statistics.median(timed(store.stats)[0] * 1000 for _ in range(min(3, args.repeats)))
+        services = make_services(store, folder / "runs")
+        print("  voting ...", flush=True)
+        figures.update(vote_rounds(services, args.callers, args.rounds))
+        print("  tab refreshes ...", flush=True)
+        figures.update(refreshes(services, run_id, args.callers, args.repeats))
+    if "scoring" not in args.skip and "labeling" not in args.skip:
         print("  reward scores while voting ...", flush=True)
         figures.update(scoring_while_voting(services, args.callers, args.scores))
         figures.update(generations_file(store, folder))
@@ -416,7 +425,8 @@ def report(columns: dict[str, dict], build: dict | None) -> None:
     if build:
         rate = build["per_second"]
         print(f"\nbuild: {build['comparisons']:,} comparisons imported in {build['files']} files, "
-              f"{build['seconds']:.1f} s = {rate:,.0f}/s ({verdict('import_per_s', rate)})")  # fmt: skip
+              f"{build['seconds']:.1f} s = {rate:,.0f}/s ({verdict('import_per_s', rate)}), "
+              f"{build.get('cpu_seconds', 0):.1f} s CPU, load {build.get('load', 0):.1f} at the end")  # fmt: skip
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
@@ -453,7 +463,8 @@ def main() -> None:
         folder.mkdir()
         columns[label] = measure(db, folder, args, next_id=10**8, model=model)
     empty, big = columns["empty"], columns[list(columns)[-1]]
-    big["round_p95_vs_empty"] = big["round_p95_ms"] / empty["round_p95_ms"]
+    if "round_p95_ms" in big:
+        big["round_p95_vs_empty"] = big["round_p95_ms"] / empty["round_p95_ms"]
     report(columns, build)
     if args.json:
         args.json.write_text(json.dumps({"columns": columns, "build": build}, indent=1, default=str))

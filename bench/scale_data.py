@@ -9,6 +9,7 @@ stores each vote with its pair) and 1% of the judgements undone (an 'undone' row
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -57,19 +58,22 @@ def build(store, comparisons: int, folder: Path, log=print) -> dict:
 
     pool = answer_pool()
     folder.mkdir(parents=True, exist_ok=True)
-    imported, seconds, files = 0, 0.0, 0
+    imported, seconds, cpu, files = 0, 0.0, 0.0, 0
     for start in range(0, comparisons, CHUNK):
         count = min(CHUNK, comparisons - start)
         path = folder / f"arena-{start:08d}.parquet"
         write_chunk(path, start, count, pool)
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         summary = import_file(store, path, fmt="arena")
-        seconds += time.perf_counter() - began
+        took = time.perf_counter() - began
+        seconds, cpu = seconds + took, cpu + time.process_time() - began_cpu
         imported += summary["comparisons"]
         files += 1
         path.unlink()
-        log(f"  imported {imported:,} comparisons ({imported / seconds:,.0f}/s so far)")
-    return {"comparisons": imported, "seconds": seconds, "files": files, "per_second": imported / seconds}
+        log(f"  imported {imported:,} comparisons ({summary['comparisons'] / took:,.0f}/s this file, "
+            f"{imported / seconds:,.0f}/s so far; load {os.getloadavg()[0]:.1f})")  # fmt: skip
+    return {"comparisons": imported, "seconds": seconds, "cpu_seconds": cpu, "files": files,
+            "per_second": imported / seconds, "load": os.getloadavg()[0]}  # fmt: skip
 
 
 def add_history(store, undo_share: float = 0.01) -> None:

@@ -67,8 +67,8 @@ MACROS = [
 # growing string at each step (ten times slower on these 1.5 KB keys); the two differ only on NULLs, which no row
 # that passes the checks (ok) has.
 KEYED = """
-SELECT n, ok, {sha}(concat('[', sorted, ']')) AS prompt_hash, stored AS messages, prompt[-1].content AS text,
-       text_a, text_b, model_a, model_b, choice, annotator, params_a, params_b,
+SELECT n, ok, __longest AS longest, {sha}(concat('[', sorted, ']')) AS prompt_hash, stored AS messages,
+       prompt[-1].content AS text, text_a, text_b, model_a, model_b, choice, annotator, params_a, params_b,
        {sha}(concat('["', $fmt, '", [', sorted, '], [[', js(text_a), ', ', js(model_a), '], [', js(text_b), ', ',
                     js(model_b), ']], "', choice, '", ', js(annotator), ']')) AS key
 FROM (SELECT *,
@@ -146,17 +146,15 @@ def _stage(cur, source: str, fmt: str):
         return None
     for macro in MACROS:
         cur.execute(macro)
-    for length in ("strlen", "length"):  # bytes bound the characters; count characters only when that is not enough
-        longest = ", ".join(f"{_longest(name, kind, length)}" for name, kind in types.items() if name != "__row")
-        found = cur.execute(f"SELECT max(greatest({longest})) FROM {source}").fetchall()[0][0] or 0
-        if found <= MAX_FIELD_CHARS:
-            break
-    else:
-        return None  # a field over the limit: the row-by-row importer names it
+
+    def longest(length: str) -> str:  # the longest field of each row, as the row-by-row importer measures it
+        return ", ".join(f"{_longest(name, kind, length)}" for name, kind in types.items() if name != "__row")
+
     sha = f"bulk_sha256_{uuid.uuid4().hex}"
     cur.create_function(sha, _sha256, [duckdb.sqltype("VARCHAR")], duckdb.sqltype("VARCHAR"), type="arrow")
     try:
-        sql = KEYED.replace("{rows}", rows.replace("{source}", source)).replace("{sha}", sha)
+        measured = f"(SELECT *, greatest({longest('strlen')}) AS __longest FROM {source})"
+        sql = KEYED.replace("{rows}", rows.replace("{source}", measured)).replace("{sha}", sha)
         staged = cur.sql(sql, params={"fmt": fmt}).to_arrow_table()
     finally:
         cur.remove_function(sha)
@@ -165,9 +163,14 @@ def _stage(cur, source: str, fmt: str):
 
     if not pc.all(staged.column("ok")).as_py():
         return None
+    if (pc.max(staged.column("longest")).as_py() or 0) > MAX_FIELD_CHARS:  # bytes: an upper bound; now characters
+        if (cur.execute(f"SELECT max(greatest({longest('length')})) FROM {source}").fetchall()[0][0] or 0) > (
+            MAX_FIELD_CHARS
+        ):
+            return None  # a field over the limit: the row-by-row importer names it
     if not pc.all(pc.equal(staged.column("n"), pa.array(range(len(staged)), pa.int64()))).as_py():
         staged = staged.sort_by("n")  # _take finds row n at place n (the scan keeps the file's order: never so far)
-    return staged.drop_columns(["ok"])
+    return staged.drop_columns(["ok", "longest"])
 
 
 def _sha256(texts):
@@ -236,7 +239,7 @@ def _arena(types: dict[str, str]) -> str | None:
     params = """'{"source": "import:arena"'""" + plain
     rest = """ || CASE WHEN len({0}) > 0 THEN ', "continuation": ' || to_json({0})::VARCHAR ELSE '' END || '}}'"""
     return f"""
-        SELECT n, prompt, first_a.content AS text_a, first_b.content AS text_b, model_a, model_b,
+        SELECT n, __longest, prompt, first_a.content AS text_a, first_b.content AS text_b, model_a, model_b,
                CASE winner {choices} END AS choice, annotator, {params}{rest.format("rest_a")} AS params_a,
                {params}{rest.format("rest_b")} AS params_b,
                coalesce(winner IN ({", ".join(f"'{k}'" for k in ARENA_CHOICES)}) AND not_blank(model_a)
@@ -248,7 +251,7 @@ def _arena(types: dict[str, str]) -> str | None:
               FROM (SELECT *, coalesce(list_position(list_transform(range(1, least(len(a), len(b)) + 1),
                                                                     lambda i: a[i] = b[i]), false) - 1,
                                        least(len(a), len(b))) AS size
-                    FROM (SELECT __row AS n, model_a, model_b, winner, {annotator} AS annotator,
+                    FROM (SELECT __row AS n, __longest, model_a, model_b, winner, {annotator} AS annotator,
                                  {_messages("conversation_a")} AS a, {_messages("conversation_b")} AS b
                                  {"".join(f', "{name}"' for name in extras)}
                           FROM {{source}})))"""
@@ -275,8 +278,8 @@ def _trl(types: dict[str, str]) -> str | None:
 
     (text_a, ok_a), (text_b, ok_b) = answer("chosen", chosen), answer("rejected", rejected)
     return f"""
-        SELECT __row AS n, {messages} AS prompt, {text_a} AS text_a, {text_b} AS text_b, 'import:chosen' AS model_a,
-               'import:rejected' AS model_b, 'A' AS choice, 'import:trl' AS annotator,
+        SELECT __row AS n, __longest, {messages} AS prompt, {text_a} AS text_a, {text_b} AS text_b,
+               'import:chosen' AS model_a, 'import:rejected' AS model_b, 'A' AS choice, 'import:trl' AS annotator,
                '{{"source": "import:trl"}}' AS params_a, '{{"source": "import:trl"}}' AS params_b,
                coalesce(prompt IS NOT NULL AND {prompt_ok} AND {ok_a} AND {ok_b}, false) AS ok
         FROM {{source}}"""

@@ -149,3 +149,34 @@ def test_a_file_imported_row_by_row_before_adds_nothing_in_bulk(tmp_path, monkey
     assert import_file(store, path) == first and used == [1]
     assert contents(store) == before  # same keys and hashes: nothing new
     store.close()
+
+
+def test_a_store_from_before_m008_keeps_its_rows_and_still_dedupes(tmp_path, monkeypatch):
+    """m008 rebuilds prompts and comparisons without their UNIQUE constraints on DuckDB: the rows stay, and a file
+    holding judgements stored before adds only the new ones, exactly as in a store that never had the constraints."""
+    from storage import db as db_module
+    from storage.migrations import MIGRATIONS, apply_migrations
+
+    assert MIGRATIONS[-1].__name__ == "m008_keys_without_unique_index"
+    part, whole = tmp_path / "part.parquet", tmp_path / "whole.parquet"
+    write(part, arena_rows()[:20])
+    write(whole, arena_rows())
+    results = {}
+    for name in ("old", "new"):
+        with monkeypatch.context() as patch:
+            if name == "old":  # the store as it was before m008, with the constraints in place
+                patch.setattr(db_module, "apply_migrations", lambda con: apply_migrations(con, MIGRATIONS[:-1]))
+            store = Store(tmp_path / f"{name}.duckdb")
+            import_file(store, part)
+            store.close()
+        store = Store(tmp_path / f"{name}.duckdb")  # the old one gets m008 now
+        with store.read() as cur:
+            unique = "SELECT count(*) FROM duckdb_constraints() WHERE constraint_type = 'UNIQUE'"
+            assert cur.execute(unique).fetchone()[0] == 0
+            assert cur.execute("SELECT count(*) FROM comparisons").fetchone()[0] == 20
+        summaries = [import_file(store, whole), import_file(store, part), import_file(store, whole)]
+        results[name] = (contents(store), summaries)
+        store.close()
+    assert results["old"] == results["new"]
+    stored, summaries = results["new"]
+    assert len(stored["comparisons"]) == 40 and summaries[0] == summaries[2]
