@@ -5,7 +5,7 @@ format. A file it cannot take whole (another shape, any row the row-by-row impor
 gets None back, and the row-by-row importer (storage/importers.py) takes it, with its exact error messages. Both
 store the same rows: the prompt hash and the dedupe key are sha256 of the same JSON text (the js() macro escapes a
 string exactly as json.dumps(..., ensure_ascii=False) does), answers A then B, comparisons in file order. The checks
-and the keys run on a read cursor; only the inserts hold the store's write lock.
+and the keys run on a read cursor; the lookups of stored keys and the inserts hold the store's write lock.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def _stage(cur, source: str, fmt: str):
 
     One pass over the file: the SQL builds each row's stored forms and the JSON texts of its keys, and a Python
     function hashes those texts batch by batch as DuckDB hands them over (hashlib's sha256 uses the CPU's SHA
-    instructions; DuckDB's sha256() is about three times slower here), so the texts are never stored whole."""
+    instructions; DuckDB's sha256() is about four times slower here), so the texts are never stored whole."""
     types = {name: str(kind) for name, kind, *_ in cur.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
     rows = (_arena if fmt == "arena" else _trl)(types)
     if rows is None:
@@ -290,8 +290,10 @@ def _write(store, staged, fmt: str) -> dict:
 
     Prompts and comparisons already stored are found by hash join on their keys (prompts.hash, dedupe_key), so are
     repeats within the file (the first row of each key counts). Those joins and sorts see only the keys and row
-    numbers; the rows to store are then taken from the staged Arrow table by row number and inserted as they stand,
-    in id order (joining the wide staged rows in SQL made DuckDB hash every text: 10 times slower)."""
+    numbers; the rows to store are then taken from the staged Arrow table by row number and inserted as they stand
+    (joining the wide staged rows in SQL made DuckDB hash every text: 10 times slower). Ids are the row importer's
+    (answers A then B of each comparison, in file order); the generations are written as all the A answers, then
+    all the B ones, so their rows lie in that order, not by id (every reader orders or looks them up by id)."""
     import pyarrow as pa
 
     source = f"import:{fmt}"
