@@ -48,6 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue-size", type=int, default=int(env("PREFLOOP_QUEUE_SIZE", "8")), help="ready pairs")
     parser.add_argument("--strategy", action="append", choices=["self", "versions", "endpoint"], help="repeatable")
     parser.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "512")))
+    from generation.defaults import REPETITION_PENALTY
+
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=float(env("PREFLOOP_REPETITION_PENALTY", str(REPETITION_PENALTY))),
+        help="on tokens an answer already holds, in [1, 2], 1 = off (generation/defaults.py)",
+    )
     parser.add_argument(
         "--engine-threads",
         type=int,
@@ -76,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     add_deploy_args(parser)  # backups, a served model to compare with, the engine
     args = parser.parse_args(argv)
+    if not 1 <= args.repetition_penalty <= 2:
+        parser.error(f"--repetition-penalty must be in [1, 2] (1 = off), not {args.repetition_penalty}")
     check_deploy_args(parser, args, DEFAULT_STRATEGIES)
     return args
 
@@ -129,7 +139,8 @@ def create_services(args: argparse.Namespace, shutdown=None):
     queue = PairQueue(
         store, engine, target=args.queue_size, lease_minutes=args.lease_minutes,
         strategies=tuple(args.strategy or DEFAULT_STRATEGIES),
-        params=SamplingParams(max_new_tokens=args.max_new_tokens), arena_share=args.arena_share,
+        params=SamplingParams(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty),
+        arena_share=args.arena_share,
         endpoint=deploy.create_compare_side(args),
     )  # fmt: skip
     runner = JobRunner(store, runs_dir=args.runs_dir, base_model=args.model, model_cache=args.model_cache)

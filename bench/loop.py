@@ -67,7 +67,7 @@ def prompt_split(heldout: int) -> tuple[list[str], list[str]]:
 
 # ---- the app, in-process -------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def running_app(work: Path, prompts: list[str], max_new_tokens: int, queue_size: int):
+def running_app(work: Path, prompts: list[str], max_new_tokens: int, queue_size: int, penalty: float):
     """The real app (store, engine, pair queue, runner, Gradio server) on WORK/app.duckdb; yields (url, services)."""
     import app as prefloop_app
     from storage.db import Store
@@ -95,6 +95,8 @@ def running_app(work: Path, prompts: list[str], max_new_tokens: int, queue_size:
             str(max_new_tokens),
             "--strategy",
             "self",
+            "--repetition-penalty",
+            str(penalty),
         ]
     )
     access = prefloop_app.load_access(args)
@@ -172,14 +174,18 @@ def train(services, method: str, overrides: dict, timeout: float) -> tuple[objec
 
 
 # ---- judging on held-out prompts ---------------------------------------------------------------------------------
-def answer(engine, version: int, prompts: list[str], samples: int, temperature: float, max_new: int) -> list[dict]:
+def answer(
+    engine, version: int, prompts: list[str], samples: int, temperature: float, max_new: int, penalty: float
+) -> list[dict]:
     """Every held-out prompt answered `samples` times by `version`; seed i*100+j is the same for every version."""
     from generation.sampling import SamplingParams
 
     requests = [
         (
             [{"role": "user", "content": p}],
-            SamplingParams(temperature=temperature, max_new_tokens=max_new, seed=7_000 + 100 * i + j),
+            SamplingParams(
+                temperature=temperature, max_new_tokens=max_new, seed=7_000 + 100 * i + j, repetition_penalty=penalty
+            ),
             version,
         )
         for i, p in enumerate(prompts)
@@ -189,16 +195,20 @@ def answer(engine, version: int, prompts: list[str], samples: int, temperature: 
     return [{"text": r.text, "truncated": r.finish_reason == "length", "tokens": r.token_count} for r in results]
 
 
-def parent_answers(work_root: Path, engine, prompts, samples, temperature, max_new) -> tuple[list[dict], float]:
+def parent_answers(
+    work_root: Path, engine, prompts, samples, temperature, max_new, penalty
+) -> tuple[list[dict], float]:
     """The base model's held-out answers, cached per setting (every taste's parent is the base); (answers, s)."""
-    key = f"parent-answers-{len(prompts)}x{samples}-t{temperature}-n{max_new}.json"
+    key = f"parent-answers-{len(prompts)}x{samples}-t{temperature}-n{max_new}" + (
+        f"-rp{penalty}.json" if penalty != 1.0 else ".json"
+    )
     path = work_root / key
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached["prompts"] == prompts:
             return cached["answers"], 0.0
     started = time.monotonic()
-    result = answer(engine, 0, prompts, samples, temperature, max_new)
+    result = answer(engine, 0, prompts, samples, temperature, max_new, penalty)
     path.write_text(json.dumps({"prompts": prompts, "answers": result}))
     return result, round(time.monotonic() - started, 1)
 
@@ -245,9 +255,12 @@ def run_taste(taste: Taste, args, overrides: dict) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "heldout": len(heldout),
         "samples": args.samples,
+        "repetition_penalty": args.repetition_penalty,
+        "neither": args.neither,
     }
     labeled = args.reuse and (work / "labels.json").is_file()  # no new pairs needed: the queue stays idle
-    with running_app(work, labeling, args.max_new_tokens, 0 if labeled else args.queue_size) as (url, services):
+    queue_size = 0 if labeled else args.queue_size
+    with running_app(work, labeling, args.max_new_tokens, queue_size, args.repetition_penalty) as (url, services):
         annotator = f"taste-{taste.name}"
         if votes_cast(services, annotator) >= args.votes:
             labels = json.loads((work / "labels.json").read_text())
@@ -278,6 +291,7 @@ def run_taste(taste: Taste, args, overrides: dict) -> dict:
         result.update(
             run_id=status.id,
             run_status=status.status,
+            trained_method=status.method,
             train_seconds=seconds,
             steps=status.metrics.get("steps"),
             reward_accuracy=status.metrics.get("reward_accuracy"),
@@ -290,7 +304,7 @@ def run_taste(taste: Taste, args, overrides: dict) -> dict:
             return result
         version = services.store.get_version(status.result_version)
         services.engine.load_version(version["id"], version["adapter_path"])
-        sampling = (heldout, args.samples, args.temperature, args.max_new_tokens)
+        sampling = (heldout, args.samples, args.temperature, args.max_new_tokens, args.repetition_penalty)
         parent, result["parent_answer_seconds"] = parent_answers(Path(args.work), services.engine, *sampling)
         started, saved = time.monotonic(), work / f"heldout-run{status.id}.json"
         if saved.is_file():  # judged before: the same seeds give the same answers
@@ -347,7 +361,12 @@ def shares(args) -> None:
     requests = [
         (
             [{"role": "user", "content": p}],
-            SamplingParams(temperature=t, max_new_tokens=args.max_new_tokens, seed=100 * i + j),
+            SamplingParams(
+                temperature=t,
+                max_new_tokens=args.max_new_tokens,
+                seed=100 * i + j,
+                repetition_penalty=args.repetition_penalty,
+            ),
             0,
         )
         for i, p in enumerate(labeling)
@@ -399,6 +418,7 @@ def parse_overrides(args) -> dict:
 
 def main() -> None:
     import app as prefloop_app
+    from training.datamix import DEFAULT_METHOD
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tastes", default="list,summary,example", help=f"comma-separated: {', '.join(TASTES)}")
@@ -412,13 +432,25 @@ def main() -> None:
         help="answer cap for labeling and judging (default: the app's)",
     )
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the held-out answers")
-    parser.add_argument("--method", default="dpo", help="training method (as the Train tab submits it)")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=prefloop_app.parse_args([]).repetition_penalty,
+        help="for labeling and judging (default: the app's)",
+    )
+    parser.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        help=f"training method as the Train tab submits it (default: {DEFAULT_METHOD})",
+    )
     parser.add_argument("--lr", type=float, help="override: learning rate")
     parser.add_argument("--epochs", type=float, help="override: epochs")
     parser.add_argument("--beta", type=float, help="override: beta")
     parser.add_argument("--max-steps", type=int, help="override: optimizer steps")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other training setting (repeatable)")
-    parser.add_argument("--neither", choices=("tie", "both_bad"), default="tie", help="vote when neither side has it")
+    parser.add_argument(
+        "--neither", choices=("tie", "both_bad"), default="both_bad", help="vote when neither side has the property"
+    )
     parser.add_argument("--queue-size", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds a training run may take")
     parser.add_argument("--work", default="/tmp/prefloop-loop", help="databases, runs and results")

@@ -111,6 +111,8 @@ class OpenAICompatibleBackend:
             "seed": params.seed,
             "stream": self.stream,
         }
+        if params.repetition_penalty != 1.0:  # a vLLM / TGI extension: sent only when on (OpenAI refuses it)
+            body["repetition_penalty"] = params.repetition_penalty
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -205,7 +207,13 @@ class VLLMBackend:
         seeded = [(messages, params.seeded()) for messages, params in batch]
         vllm_params = self._vllm.SamplingParams
         sampling = [
-            vllm_params(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens, seed=p.seed)
+            vllm_params(
+                temperature=p.temperature,
+                top_p=p.top_p,
+                repetition_penalty=p.repetition_penalty,
+                max_tokens=p.max_new_tokens,
+                seed=p.seed,
+            )
             for _, p in seeded
         ]
         started = time.perf_counter()

@@ -28,6 +28,9 @@ class SamplingParams:
     top_p: float = 0.95  # sample from the smallest set of tokens holding 95% of the probability
     max_new_tokens: int = 160  # short for library callers; the app passes its --max-new-tokens (default 512, README)
     seed: int | None = None
+    # > 1 makes tokens the answer already holds less likely (CTRL's penalty: a seen token's logit is divided by it when
+    # positive, multiplied when negative); 1 = off. Only the answer's own tokens count, not the prompt's.
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not (_is_number(self.temperature) and self.temperature >= 0):
@@ -36,6 +39,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be a number in (0, 1], not {self.top_p!r}")
         if not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be an integer ≥ 1, not {self.max_new_tokens!r}")
+        if not (_is_number(self.repetition_penalty) and 1 <= self.repetition_penalty <= 2):
+            raise ValueError(f"repetition_penalty must be in [1, 2] (1 = off), not {self.repetition_penalty!r}")
         if not (self.seed is None or _is_int(self.seed)):
             raise ValueError(f"seed must be an integer or None, not {self.seed!r}")
 
@@ -127,7 +132,7 @@ def sample_next(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     """One token per row. Greedy when temperature is 0; else top-p sampling by an exponential race (argmax of p/E):
     each sampled row draws exactly one uniform per vocabulary entry per step from its own generator, so tiny
     numeric differences between batch compositions almost never change the pick (unlike inverse-CDF sampling)."""
-    logits = logits.float()
+    logits = penalise_repeats(logits.float(), rows)
     picks = logits.argmax(dim=-1).tolist()
     sampled = [i for i, row in enumerate(rows) if row.request.params.temperature > 0]
     if not sampled:
@@ -141,6 +146,17 @@ def sample_next(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     for i, token in zip(sampled, (probs / exponentials).argmax(dim=-1).tolist(), strict=True):
         picks[i] = token
     return picks
+
+
+def penalise_repeats(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """Each row's repetition penalty on the tokens its answer already holds (rows without one are left as they are)."""
+    for i, row in enumerate(rows):
+        penalty = row.request.params.repetition_penalty
+        if penalty != 1.0 and row.tokens:
+            seen = torch.tensor(sorted(set(row.tokens)), dtype=torch.long, device=logits.device)
+            values = logits[i, seen]
+            logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
+    return logits
 
 
 def nucleus_cutoff(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

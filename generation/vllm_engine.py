@@ -184,6 +184,7 @@ class VLLMEngine:
                     sampling = self._vllm.SamplingParams(
                         temperature=params.temperature,
                         top_p=params.top_p,
+                        repetition_penalty=params.repetition_penalty,
                         max_tokens=params.max_new_tokens,
                         seed=params.seed,
                     )

@@ -1,7 +1,7 @@
 """Headless pair generation: fill the pair queue without the web app.
 
     python -m labeling generate --pairs N [--strategy self|versions] [--db DB] [--model M] [--model-cache DIR]
-                                [--max-new-tokens N]
+                                [--max-new-tokens N] [--repetition-penalty X]
 
 Generates exactly N pairs (beyond the app's queue target) from the prompts with the fewest comparisons, stores them
 as 'ready' in the DuckDB file, shows a progress bar on stderr and ends with one JSON line on stdout:
@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from generation.defaults import REPETITION_PENALTY
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     env = os.environ.get
@@ -30,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     generate.add_argument("--model", default=env("PREFLOOP_MODEL", "bundled"), help="bundled, a HF id or a folder")
     generate.add_argument("--model-cache", default=env("PREFLOOP_MODEL_CACHE", "data/models"))
     generate.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "512")))
+    penalty = float(env("PREFLOOP_REPETITION_PENALTY", str(REPETITION_PENALTY)))
+    generate.add_argument("--repetition-penalty", type=float, default=penalty, help="in [1, 2], 1 = off")
     generate.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
     generate.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores)")
     return parser.parse_args(argv)
@@ -70,6 +74,8 @@ def generate(args: argparse.Namespace) -> dict:
         fail("--pairs must be at least 1")
     if args.max_new_tokens < 1 or args.max_batch < 2:
         fail("--max-new-tokens must be at least 1 and --max-batch at least 2 (a pair is two rows)")
+    if not 1 <= args.repetition_penalty <= 2:
+        fail(f"--repetition-penalty must be in [1, 2] (1 = off), not {args.repetition_penalty}")
     store = open_store(args.db)
     try:
         with store.read() as cur:
@@ -95,7 +101,8 @@ def run_generation(store, args: argparse.Namespace) -> dict:
     try:
         serve_saved_version(store, engine)
         queue = PairQueue(store, engine, target=0, strategies=(args.strategy,),
-                          params=SamplingParams(max_new_tokens=args.max_new_tokens))  # fmt: skip
+                          params=SamplingParams(max_new_tokens=args.max_new_tokens,
+                                                repetition_penalty=args.repetition_penalty))  # fmt: skip
         queue.reserved_rows = 0  # nobody streams here: use every batch row
         with tqdm(total=args.pairs, unit="pair", desc=f"{args.strategy} pairs", file=sys.stderr) as bar:
             made = queue.generate_pairs(args.pairs, args.strategy, on_pair=lambda _n: bar.update(1))

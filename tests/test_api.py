@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 
+from generation.defaults import REPETITION_PENALTY
 from tests.apphelpers import running_app
 
 pytestmark = pytest.mark.slow
@@ -54,6 +56,10 @@ def test_eight_concurrent_clients_every_vote_stored_once(tmp_path, tiny_model_di
             name = f"bot{i}"
             theirs = sorted(pair for pair, who, choice in stored if who == name and choice == choices[i % 4])
             assert theirs == sorted(voted[name])
+        with services.store.read() as cur:  # the app's generation default is on every pair it made
+            rows = cur.execute("SELECT params FROM generations").fetchall()
+        penalties = {json.loads(params)["repetition_penalty"] for (params,) in rows}
+        assert penalties == {REPETITION_PENALTY} and REPETITION_PENALTY > 1
 
         # Bad calls: a clear error, nothing stored.
         client = Client(url, verbose=False)

@@ -153,7 +153,9 @@ def test_rollback_serves_the_old_adapter_without_restart(store, engine, tiny_mod
     assert {g[0] for g in gens} == {first}
     for _, text, params, messages in gens:
         stored = json.loads(params)
-        same = SamplingParams(**{k: stored[k] for k in ("temperature", "top_p", "max_new_tokens", "seed")})
+        same = SamplingParams(
+            **{k: stored[k] for k in ("temperature", "top_p", "max_new_tokens", "seed", "repetition_penalty")}
+        )
         assert engine.submit(json.loads(messages), same, first).result(timeout=60).text == text
 
 

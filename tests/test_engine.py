@@ -33,12 +33,27 @@ def make_adapter(model_dir: Path, out: Path, seed: int = 1) -> Path:
 
 
 def test_sampling_params_are_validated():
-    assert SamplingParams(seed=3).to_dict() == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 160, "seed": 3}
+    assert SamplingParams(seed=3).to_dict() == {
+        "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 160, "seed": 3, "repetition_penalty": 1.0
+    }  # fmt: skip
     for bad in ({"temperature": -0.1}, {"top_p": 0}, {"top_p": 1.5}, {"max_new_tokens": 0}, {"max_new_tokens": 2.5},
-                {"seed": "x"}, {"temperature": float("nan")}):  # fmt: skip
+                {"seed": "x"}, {"temperature": float("nan")}, {"repetition_penalty": 0.9},
+                {"repetition_penalty": 3}):  # fmt: skip
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     assert SamplingParams().seeded().seed is not None  # a request without a seed records the one it used
+
+
+def test_repetition_penalty_makes_the_answer_repeat_itself_less(engine):
+    """Greedy decoding of a tiny random model loops on a few tokens; the penalty spreads it over more of them, and a
+    penalised row keeps its text whether it is decoded alone or next to an unpenalised one."""
+    plain = SamplingParams(temperature=0, max_new_tokens=40)
+    penalised = SamplingParams(temperature=0, max_new_tokens=40, repetition_penalty=2.0)
+    loop = engine.submit(chat("Repeat after me."), plain).result(timeout=60)
+    spread = engine.submit(chat("Repeat after me."), penalised).result(timeout=60)
+    assert len(set(spread.token_ids)) > len(set(loop.token_ids))
+    together = engine.submit_many([(chat("Repeat after me."), plain, None), (chat("Repeat after me."), penalised, None)])
+    assert [f.result(timeout=60).text for f in together] == [loop.text, spread.text]
 
 
 def test_seeded_request_gives_the_same_text_alone_and_in_a_batch(engine):

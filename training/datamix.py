@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_METHOD = "dpo"  # the Train tab's preselected method and bench/loop.py's
 EDIT_SHARE = 0.1
 BOTH_BAD_SHARE = 0.25
 MIN_ROWS = 4  # as training.runner.MIN_PAIRS

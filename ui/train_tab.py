@@ -13,6 +13,7 @@ import pandas as pd
 
 from labeling.access import Access, AccessDenied
 from labeling.services import Services, UserError
+from training.datamix import DEFAULT_METHOD
 from training.runner import RunRejected
 from ui.train_settings import FIELDS, METHODS, parse_settings, submit
 
@@ -52,7 +53,8 @@ def build_train_tab(services: Services, access: Access, demo: gr.Blocks) -> None
     handlers = TrainHandlers(services, access)
     usable = gr.Markdown("")
     with gr.Row():
-        method = gr.Radio(list(METHODS), value="DPO", label="Method", elem_id="train-method")
+        default = next(label for label, name in METHODS.items() if name == DEFAULT_METHOD)
+        method = gr.Radio(list(METHODS), value=default, label="Method", elem_id="train-method")
         parent = gr.Dropdown(label="Train on top of version (empty: the serving one)", choices=[], value=None)
     fields, reward_model = _settings_form()
     _training_switch(services, handlers, demo)
