@@ -52,7 +52,8 @@ def test_repetition_penalty_makes_the_answer_repeat_itself_less(engine):
     loop = engine.submit(chat("Repeat after me."), plain).result(timeout=60)
     spread = engine.submit(chat("Repeat after me."), penalised).result(timeout=60)
     assert len(set(spread.token_ids)) > len(set(loop.token_ids))
-    together = engine.submit_many([(chat("Repeat after me."), plain, None), (chat("Repeat after me."), penalised, None)])
+    prompt = chat("Repeat after me.")
+    together = engine.submit_many([(prompt, plain, None), (prompt, penalised, None)])
     assert [f.result(timeout=60).text for f in together] == [loop.text, spread.text]
 
 
