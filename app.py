@@ -48,12 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue-size", type=int, default=int(env("PREFLOOP_QUEUE_SIZE", "8")), help="ready pairs")
     parser.add_argument("--strategy", action="append", choices=["self", "versions", "endpoint"], help="repeatable")
     parser.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "512")))
-    from generation.defaults import REPETITION_PENALTY
+    from generation.defaults import repetition_penalty_default, repetition_penalty_problem
 
     parser.add_argument(
         "--repetition-penalty",
         type=float,
-        default=float(env("PREFLOOP_REPETITION_PENALTY", str(REPETITION_PENALTY))),
+        default=repetition_penalty_default(),
         help="on tokens an answer already holds, in [1, 2], 1 = off (generation/defaults.py)",
     )
     parser.add_argument(
@@ -84,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     add_deploy_args(parser)  # backups, a served model to compare with, the engine
     args = parser.parse_args(argv)
-    if not 1 <= args.repetition_penalty <= 2:
-        parser.error(f"--repetition-penalty must be in [1, 2] (1 = off), not {args.repetition_penalty}")
+    if problem := repetition_penalty_problem(args.repetition_penalty):
+        parser.error(f"--repetition-penalty {problem}")
     check_deploy_args(parser, args, DEFAULT_STRATEGIES)
     return args
 

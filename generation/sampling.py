@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from generation.defaults import repetition_penalty_problem
+
 SEED_RANGE = 2**31  # seeds drawn for requests that bring none (fits every RNG API)
 NUCLEUS_PROBE = 256  # top-k probe before a full sort when finding the top-p cutoff
 
@@ -39,8 +41,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be a number in (0, 1], not {self.top_p!r}")
         if not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be an integer ≥ 1, not {self.max_new_tokens!r}")
-        if not (_is_number(self.repetition_penalty) and 1 <= self.repetition_penalty <= 2):
-            raise ValueError(f"repetition_penalty must be in [1, 2] (1 = off), not {self.repetition_penalty!r}")
+        if problem := repetition_penalty_problem(self.repetition_penalty):
+            raise ValueError(f"repetition_penalty {problem}")
         if not (self.seed is None or _is_int(self.seed)):
             raise ValueError(f"seed must be an integer or None, not {self.seed!r}")
 

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from generation.defaults import REPETITION_PENALTY
+from generation.defaults import repetition_penalty_default, repetition_penalty_problem
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     generate.add_argument("--model", default=env("PREFLOOP_MODEL", "bundled"), help="bundled, a HF id or a folder")
     generate.add_argument("--model-cache", default=env("PREFLOOP_MODEL_CACHE", "data/models"))
     generate.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "512")))
-    penalty = float(env("PREFLOOP_REPETITION_PENALTY", str(REPETITION_PENALTY)))
+    penalty = repetition_penalty_default()
     generate.add_argument("--repetition-penalty", type=float, default=penalty, help="in [1, 2], 1 = off")
     generate.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
     generate.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores)")
@@ -74,8 +74,8 @@ def generate(args: argparse.Namespace) -> dict:
         fail("--pairs must be at least 1")
     if args.max_new_tokens < 1 or args.max_batch < 2:
         fail("--max-new-tokens must be at least 1 and --max-batch at least 2 (a pair is two rows)")
-    if not 1 <= args.repetition_penalty <= 2:
-        fail(f"--repetition-penalty must be in [1, 2] (1 = off), not {args.repetition_penalty}")
+    if problem := repetition_penalty_problem(args.repetition_penalty):
+        fail(f"--repetition-penalty {problem}")
     store = open_store(args.db)
     try:
         with store.read() as cur:
