@@ -22,6 +22,7 @@ from storage.import_formats import ARENA_CHOICES, detect_format
 from storage.tallies import NOT_BLANK, WHITESPACE
 
 BULK_FORMATS = ("trl", "arena")
+RANGE_ROWS = 20_000  # fewer rows than this per range: the threads cost more than they save
 SUFFIXES = (".parquet", ".jsonl")
 ARENA_EXTRAS = ("question_id", "tstamp", "language")  # kept in each answer's params (import_formats.parse_arena)
 PLAIN_TYPES = (
@@ -91,7 +92,8 @@ def bulk_import(store, path: Path, fmt: str, max_rows: int | None) -> dict | Non
             if fmt == "auto":
                 first = cur.sql(f"SELECT * EXCLUDE (__row) FROM {source} LIMIT 1").to_arrow_table()
                 fmt = detect_format(path, ("row 1", first.to_pylist()[0]))
-            staged = _stage(cur, source, fmt) if fmt in BULK_FORMATS else None
+            ranges = _ranges(cur, count) if path.suffix.lower() == ".parquet" else [(0, count)]
+            staged = _stage(cur, source, fmt, ranges) if fmt in BULK_FORMATS else None
     except (duckdb.Error, ValueError, TypeError):  # a shape the SQL did not foresee: the row-by-row importer decides
         return None
     if staged is None:
@@ -134,33 +136,51 @@ def _source(cur, path: Path):
         cur.unregister(name)
 
 
-def _stage(cur, source: str, fmt: str):
+def _stage(cur, source: str, fmt: str, ranges: list[tuple[int, int]]):
     """The file's rows keyed and in stored form (an Arrow table), or None when any row would be refused.
 
     One pass over the file: the SQL builds each row's stored forms and the JSON texts of its keys, and a Python
     function hashes those texts batch by batch as DuckDB hands them over (hashlib's sha256 uses the CPU's SHA
-    instructions; DuckDB's sha256() is about four times slower here), so the texts are never stored whole."""
+    instructions; DuckDB's sha256() is about four times slower here), so the texts are never stored whole. The rows
+    of a parquet file are staged in row ranges on parallel cursors (_ranges): DuckDB runs one row group on one thread,
+    and a file written in one row group (pyarrow's default up to 1M rows) would leave the other cores idle."""
     types = {name: str(kind) for name, kind, *_ in cur.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
     rows = (_arena if fmt == "arena" else _trl)(types)
     if rows is None:
         return None
-    for macro in MACROS:
-        cur.execute(macro)
 
     def longest(length: str) -> str:  # the longest field of each row, as the row-by-row importer measures it
         return ", ".join(f"{_longest(name, kind, length)}" for name, kind in types.items() if name != "__row")
 
-    sha = f"bulk_sha256_{uuid.uuid4().hex}"
-    cur.create_function(sha, _sha256, [duckdb.sqltype("VARCHAR")], duckdb.sqltype("VARCHAR"), type="arrow")
-    try:
-        measured = f"(SELECT *, greatest({longest('strlen')}) AS __longest FROM {source})"
-        sql = KEYED.replace("{rows}", rows.replace("{source}", measured)).replace("{sha}", sha)
-        staged = cur.sql(sql, params={"fmt": fmt}).to_arrow_table()
-    finally:
-        cur.remove_function(sha)
+    def stage(part: tuple[int, int]):
+        own = cur if len(ranges) == 1 else cur.cursor()  # a cursor per thread (a JSONL table is registered on cur)
+        with contextlib.closing(own) if own is not cur else contextlib.nullcontext():
+            for macro in MACROS:
+                own.execute(macro)
+            sha = f"bulk_sha256_{uuid.uuid4().hex}"
+            own.create_function(sha, _sha256, [duckdb.sqltype("VARCHAR")], duckdb.sqltype("VARCHAR"), type="arrow")
+            ranged = (
+                source
+                if len(ranges) == 1
+                else f"(SELECT * FROM {source} WHERE __row BETWEEN {part[0]} AND {part[1] - 1})"
+            )
+            measured = f"(SELECT *, greatest({longest('strlen')}) AS __longest FROM {ranged})"
+            sql = KEYED.replace("{rows}", rows.replace("{source}", measured)).replace("{sha}", sha)
+            try:
+                return own.sql(sql, params={"fmt": fmt}).to_arrow_table()
+            finally:
+                own.remove_function(sha)
+
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    if len(ranges) == 1:
+        staged = stage(ranges[0])
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(ranges)) as pool:
+            staged = pa.concat_tables(list(pool.map(stage, ranges)))
     if not pc.all(staged.column("ok")).as_py():
         return None
     if (pc.max(staged.column("longest")).as_py() or 0) > MAX_FIELD_CHARS:  # bytes: an upper bound; now characters
@@ -171,6 +191,14 @@ def _stage(cur, source: str, fmt: str):
     if not pc.all(pc.equal(staged.column("n"), pa.array(range(len(staged)), pa.int64()))).as_py():
         staged = staged.sort_by("n")  # _take finds row n at place n (the scan keeps the file's order: never so far)
     return staged.drop_columns(["ok", "longest"])
+
+
+def _ranges(cur, count: int) -> list[tuple[int, int]]:
+    """Row ranges [start, end) to stage side by side: one per DuckDB thread (at most 4), none under RANGE_ROWS."""
+    threads = int(cur.execute("SELECT current_setting('threads')").fetchall()[0][0])
+    parts = max(1, min(threads, 4, count // RANGE_ROWS))
+    bounds = [count * i // parts for i in range(parts + 1)]
+    return list(zip(bounds, bounds[1:], strict=False))
 
 
 def _sha256(texts):

@@ -103,8 +103,16 @@ def both_ways(tmp_path, monkeypatch, files: list) -> tuple[dict, dict, list, lis
     return results["bulk"][0], results["rows"][0], results["bulk"][1:], results["rows"][1]
 
 
-@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
-def test_bulk_and_row_by_row_store_the_same_rows(tmp_path, monkeypatch, suffix):
+@pytest.mark.parametrize("suffix, parts", [(".parquet", 1), (".parquet", 3), (".jsonl", 1)])
+def test_bulk_and_row_by_row_store_the_same_rows(tmp_path, monkeypatch, suffix, parts):
+    """parts 3: a parquet file staged in three row ranges on parallel cursors, as a big file is."""
+    split = []
+    monkeypatch.setattr(
+        import_bulk,
+        "_ranges",
+        lambda cur, count: split.append(count)
+        or [(count * i // parts, count * (i + 1) // parts) for i in range(parts)],
+    )
     files = []
     for name, rows, fmt in (("arena", arena_rows(), "auto"), ("trl", trl_rows(False), "trl"),
                             ("chat", trl_rows(True), "auto")):  # fmt: skip
@@ -113,9 +121,22 @@ def test_bulk_and_row_by_row_store_the_same_rows(tmp_path, monkeypatch, suffix):
         files += [(path, fmt), (path, fmt)]  # the second import of a file adds nothing
     bulk, rows, (bulk_summaries, used), row_summaries = both_ways(tmp_path, monkeypatch, files)
     assert len(used) == len(files)  # every file went in bulk
+    assert len(split) == (len(files) if suffix == ".parquet" else 0)
     assert bulk_summaries == row_summaries
     assert bulk == rows
     assert len(bulk["comparisons"]) == 40 + 30  # the chat file holds the trl file's judgements: stored once
+
+
+def test_ranges_cover_every_row_once():
+    store = Store(":memory:")
+    with store.read() as cur:
+        threads = int(cur.execute("SELECT current_setting('threads')").fetchone()[0])
+        assert import_bulk._ranges(cur, import_bulk.RANGE_ROWS - 1) == [(0, import_bulk.RANGE_ROWS - 1)]
+        ranges = import_bulk._ranges(cur, 100_003)
+    store.close()
+    assert len(ranges) == max(1, min(threads, 4))
+    assert ranges[0][0] == 0 and ranges[-1][1] == 100_003
+    assert all(end == start for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False))
 
 
 def test_a_file_the_row_importer_refuses_is_left_to_it(tmp_path, monkeypatch):
