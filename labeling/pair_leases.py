@@ -177,14 +177,22 @@ class LeaseDesk:
     def _lease_batch(self, cur, names: list[str], now: datetime, changes: dict) -> list[int | None]:
         """Per name: the pair this person holds, else the oldest available pair they have not judged (one query).
         New leases are added to `changes`; pairs already in `changes` (just voted on) are left alone."""
+        # Each name's first `enough` candidates only: a name can lose at most one pair to each other name of the
+        # batch and to each pair voted on in it. (All of them, every available pair once per name, made the rows
+        # fetched grow as pairs × names: 28,800 rows, 12 ms, for 16 names and 1,800 ready pairs; 512 rows, 7 ms.)
+        unique, enough = list(dict.fromkeys(names)), len(set(names)) + len(changes)
         rows = cur.execute(
-            f"""SELECT n.name, p.id, p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ? AS mine
-                FROM pairs p, (SELECT unnest(?::VARCHAR[]) AS name) n
-                WHERE (p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ?) OR ({AVAILABLE}
-                  AND (p.strategy <> 'own' OR p.leased_to = n.name) AND {UNSEEN})
-                ORDER BY mine DESC, CASE WHEN p.status = 'leased' AND p.leased_to = n.name THEN p.lease_expires END
-                         DESC NULLS LAST, p.id""",
-            [now, list(dict.fromkeys(names)), now, now],
+            f"""SELECT name, id, mine FROM (
+                  SELECT n.name, p.id, p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ? AS mine,
+                         CASE WHEN p.status = 'leased' AND p.leased_to = n.name THEN p.lease_expires END AS held,
+                         row_number() OVER (PARTITION BY n.name ORDER BY p.status = 'leased' AND p.leased_to = n.name
+                           AND p.lease_expires > ? DESC, CASE WHEN p.status = 'leased' AND p.leased_to = n.name
+                           THEN p.lease_expires END DESC NULLS LAST, p.id) AS place
+                  FROM pairs p, (SELECT unnest(?::VARCHAR[]) AS name) n
+                  WHERE (p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ?) OR ({AVAILABLE}
+                    AND (p.strategy <> 'own' OR p.leased_to = n.name) AND {UNSEEN})) ranked
+                WHERE place <= ? ORDER BY mine DESC, held DESC NULLS LAST, id""",
+            [now, now, unique, now, now, enough],
         ).fetchall()
         held: dict[str, int] = {}
         for name, pair_id, mine in rows:  # held leases first, then available pairs oldest first
