@@ -93,10 +93,12 @@ class LeaseDesk:
         self._asked[name] = time.monotonic()
         return self._requests.run(name)
 
-    def available(self, strategies: tuple[str, ...] | None = None, names: list[str] | None = None) -> dict:
+    def available(
+        self, strategies: tuple[str, ...] | None = None, names: list[str] | None = None, anyone: bool = True
+    ) -> dict:
         """How many pairs (of `strategies`, default all) could be given now: {None: to anyone (no 'own' pairs),
         name: to that person (pairs they judged or skipped do not count; held ones and their own ones do)}.
-        `names` defaults to everyone who asked for a pair within a lease period."""
+        `names` defaults to everyone who asked for a pair within a lease period; `anyone=False` leaves out None."""
         if names is None:
             recent = time.monotonic() - self.lease.total_seconds()
             self._asked = {n: t for n, t in list(self._asked.items()) if t >= recent}
@@ -104,8 +106,10 @@ class LeaseDesk:
         now = utc_now()
         kinds, kind_args = ("TRUE", []) if strategies is None else ("p.strategy = ANY(?)", [list(strategies)])
         with self.store.read() as cur:
-            sql = f"SELECT count(*) FROM pairs p WHERE {AVAILABLE} AND p.strategy <> 'own' AND {kinds}"
-            counts = {None: cur.execute(sql, [now, *kind_args]).fetchone()[0]}
+            counts = {}
+            if anyone:
+                sql = f"SELECT count(*) FROM pairs p WHERE {AVAILABLE} AND p.strategy <> 'own' AND {kinds}"
+                counts[None] = cur.execute(sql, [now, *kind_args]).fetchone()[0]
             if names:
                 counts |= dict(
                     cur.execute(

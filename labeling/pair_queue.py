@@ -367,7 +367,7 @@ class PairQueue:
         """Pairs someone (or this person: not those they judged or skipped) could be given now: 'ready' ones plus
         those whose lease expired; own-prompt pairs only to their author."""
         name = annotator_name(annotator) if annotator else None
-        return self._desk.available(names=[name] if name else [])[name]
+        return self._desk.available(names=[name] if name else [], anyone=not name)[name]
 
     def progress(self) -> dict:
         with self._lock:
