@@ -69,7 +69,8 @@ def trained_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.Comp
     pq.write_table(pa.Table.from_pylist(pair_rows(8)), data)
     run_dir = work / "run"
     done = run_child("--data", str(data), "--out", str(run_dir), "--base-model", str(tiny_model_dir),
-                     "--max-steps", "3", "--learning-rate", "1e-3", "--eval-fraction", "0.25", *QUICK)  # fmt: skip
+                     "--max-steps", "3", "--learning-rate", "1e-3", "--full-rate-steps", "2",
+                     "--eval-fraction", "0.25", *QUICK)  # fmt: skip
     return run_dir, done
 
 
@@ -113,6 +114,8 @@ def test_config_metrics_and_before_after_files(trained_run):
     assert config["learning_rate"] == 1e-3 and config["max_steps"] == 3 and config["beta"] == 0.1
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["method"] == "dpo" and metrics["reward_accuracy"] is not None
+    assert metrics["learning_rate"] == pytest.approx(1e-3 * 2 / 3)  # 3 steps, full rate for 2: scaled by 2 / 3
+    assert 0 < max(e["learning_rate"] for e in events(run_dir) if e["event"] == "progress") <= 1e-3 * 2 / 3
     assert (metrics["train_rows"], metrics["eval_rows"]) == (6, 2) and "eval_loss" in metrics
     panel = json.loads((run_dir / "before_after.json").read_text())
     assert panel == metrics["before_after"]
@@ -235,3 +238,14 @@ def test_before_after_kl_is_zero_against_itself_and_positive_after_training(trai
 def test_unknown_method_is_one_clear_line():
     done = subprocess.run([sys.executable, "-m", "training", "no_such"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "unknown method 'no_such'" in done.stderr
+
+
+def test_the_learning_rate_is_scaled_down_for_long_runs():
+    from training.dpo import PrefDPOConfig, planned_steps, scaled_learning_rate
+
+    cfg = PrefDPOConfig(data="pairs.parquet", out="run")  # defaults: lr 1e-3, batch 4, 2 epochs, 16 full-rate steps
+    assert [planned_steps(cfg, rows) for rows in (15, 28, 32, 33, 200)] == [8, 14, 16, 18, 100]
+    assert scaled_learning_rate(cfg, 28) == 1e-3  # 64 votes' worth of pairs: the full rate
+    assert scaled_learning_rate(cfg, 200) == pytest.approx(1e-3 * 16 / 100)
+    assert scaled_learning_rate(PrefDPOConfig(data="p", out="r", full_rate_steps=0), 200) == 1e-3  # off
+    assert scaled_learning_rate(PrefDPOConfig(data="p", out="r", max_steps=40), 3) == pytest.approx(1e-3 * 16 / 40)

@@ -11,6 +11,8 @@ Reads only the snapshot file; never opens the DuckDB database.
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +47,14 @@ class PrefDPOConfig(CommonConfig):
     """
 
     method_name: ClassVar[str] = "dpo"
-    learning_rate: float = field(default=2e-4, metadata={"help": "peak AdamW learning rate (TRL: 1e-6)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (TRL: 1e-6)"})
+    full_rate_steps: int = field(
+        default=16,
+        metadata={
+            "help": "the learning rate applies in full for runs of up to this many optimizer steps; a longer run "
+            "has it scaled by full_rate_steps / steps, so more pairs do not push the model further (0 = off)"
+        },
+    )
     epochs: float = field(default=2.0, metadata={"help": "passes over the pairs when max_steps is -1 (TRL: 3)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input (0 keeps DPO exact)"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta: higher keeps the policy closer to the reference"})
@@ -65,6 +74,25 @@ class PrefDPOConfig(CommonConfig):
             raise ConfigError(f"label_smoothing: must be in [0, 0.5) (got {self.label_smoothing})")
         if self.sft_weight < 0:
             raise ConfigError(f"sft_weight: must be ≥ 0 (got {self.sft_weight})")
+        if self.full_rate_steps < 0:
+            raise ConfigError(f"full_rate_steps: must be ≥ 0 (got {self.full_rate_steps})")
+
+
+def planned_steps(cfg: PrefDPOConfig, rows: int) -> int:
+    """The optimizer steps the trainer will take for `rows` pairs (as transformers' Trainer counts them)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = math.ceil(rows / (cfg.batch_size * processes))
+    return max(1, math.ceil(max(1, batches // cfg.gradient_accumulation_steps) * cfg.epochs))
+
+
+def scaled_learning_rate(cfg: PrefDPOConfig, rows: int) -> float:
+    """cfg.learning_rate, times full_rate_steps / steps for a run longer than full_rate_steps steps."""
+    steps = planned_steps(cfg, rows)
+    if cfg.full_rate_steps and steps > cfg.full_rate_steps:
+        return cfg.learning_rate * cfg.full_rate_steps / steps
+    return cfg.learning_rate
 
 
 def check_pairs(rows: list[dict], path: str) -> None:
@@ -93,8 +121,15 @@ def train(cfg: PrefDPOConfig, writer: ProgressWriter, cancel: threading.Event) -
     train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
     model, tokenizer = load_model_for_training(cfg, "causal")
     continued = bool(cfg.init_adapter)
+    learning_rate = scaled_learning_rate(cfg, len(train_rows))
+    if learning_rate != cfg.learning_rate:
+        print(
+            f"learning rate {learning_rate:.3g} ({cfg.learning_rate:g} × {cfg.full_rate_steps} / "
+            f"{planned_steps(cfg, len(train_rows))} steps: full_rate_steps)",
+            flush=True,
+        )
     args = DPOConfig(
-        **trainer_args_kwargs(cfg),
+        **{**trainer_args_kwargs(cfg), "learning_rate": learning_rate},
         beta=cfg.beta,
         loss_type=[cfg.loss_type] + (["sft"] if cfg.sft_weight else []),
         loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,
@@ -117,6 +152,7 @@ def train(cfg: PrefDPOConfig, writer: ProgressWriter, cancel: threading.Event) -
     trainer.train()
     adapter_dir = save_adapter(trainer.model, tokenizer, Path(cfg.out) / "adapter")
     metrics = summarize(cfg, trainer.state.global_step, progress, len(train_rows), len(eval_rows))
+    metrics["learning_rate"] = learning_rate
     if not cancel.is_set() and cfg.before_after_prompts > 0 and is_main_process():
         del trainer, model  # free the training copy before loading the base again for sampling
         metrics["before_after"] = run_before_after(cfg, adapter_dir, rows)
