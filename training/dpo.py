@@ -33,8 +33,9 @@ DPO_RENAME = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "rewar
 class PrefDPOConfig(CommonConfig):
     """LoRA DPO on preference pairs (prompt, chosen, rejected).
 
-    Defaults differ from TRL's DPOConfig on purpose (small data, LoRA, CPU): learning_rate 2e-4 (TRL's 1e-6 is
-    for full fine-tuning; a zero-initialised LoRA B needs far more), epochs 2 (TRL 3), beta 0.1 (same), LoRA r 8 /
+    Defaults differ from TRL's DPOConfig on purpose (small data, LoRA, CPU): learning_rate 1e-3 (TRL's 1e-6 is
+    for full fine-tuning; a zero-initialised LoRA B needs far more) at full rate for runs of up to full_rate_steps
+    16 optimizer steps and scaled by 16 / steps beyond, epochs 2 (TRL 3), beta 0.1 (same), LoRA r 8 /
     alpha 16, batch_size 4 (TRL 8), max_length 256 (TRL 1024), logging every step (TRL 10), gradient
     checkpointing off (TRL on), bf16 only on a bf16 GPU (TRL always), lora_dropout 0 (TRL turns dropout off in
     DPO anyway; a nonzero value here keeps it on).
@@ -43,7 +44,12 @@ class PrefDPOConfig(CommonConfig):
     batch 8, 8 held-out prompts): lr 2e-4 × 2 epochs moved answers from 112.5 to 123.5 words on average with
     KL(new ‖ base) 0.43 nats per answer, still on topic; the issue's lr 5e-4 × 3 epochs reached KL 6.6 nats
     per answer (15× more; 134 words, drifting off the question). On other data lr 5e-5 × 2 epochs barely
-    moved the model (KL 0.01 nats per answer).
+    moved the model (KL 0.01 nats per answer). The 64 votes of a bench/loop.py run give 15–28 pairs, 8–14 steps:
+    there lr 2e-4 barely moved the model (KL 0.03–0.3 nats), and with the repetition penalty in generation lr 1e-3
+    moved it the way the votes point without adding loops (bench/README.md "Does the loop move the model?"). The
+    step budget bounds lr × steps at 1e-3 × 16, so a run on a thousand pairs (500 steps) does not go 30× as far;
+    that bound is of the order of the drifting run above (5e-4 × 23 steps, without the penalty), so the
+    before/after panel's KL stays the check before a version is activated.
     """
 
     method_name: ClassVar[str] = "dpo"
