@@ -25,20 +25,8 @@ BULK_FORMATS = ("trl", "arena")
 RANGE_ROWS = 20_000  # fewer rows than this per range: the threads cost more than they save
 SUFFIXES = (".parquet", ".jsonl")
 ARENA_EXTRAS = ("question_id", "tstamp", "language")  # kept in each answer's params (import_formats.parse_arena)
-PLAIN_TYPES = (
-    "VARCHAR",
-    "BIGINT",
-    "INTEGER",
-    "SMALLINT",
-    "TINYINT",
-    "UBIGINT",
-    "UINTEGER",
-    "USMALLINT",
-    "UTINYINT",
-    "DOUBLE",
-    "BOOLEAN",
-    '"NULL"',
-)
+PLAIN_TYPES = ("VARCHAR", "BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER", "USMALLINT", "UTINYINT",
+               "DOUBLE", "BOOLEAN", '"NULL"')  # fmt: skip
 
 
 def _escape_chain(value: str) -> str:
