@@ -187,16 +187,15 @@ class LeaseDesk:
         unique, enough = list(dict.fromkeys(names)), len(set(names)) + len(changes)
         rows = cur.execute(
             f"""SELECT name, id, mine FROM (
-                  SELECT n.name, p.id, p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ? AS mine,
-                         CASE WHEN p.status = 'leased' AND p.leased_to = n.name THEN p.lease_expires END AS held,
-                         row_number() OVER (PARTITION BY n.name ORDER BY p.status = 'leased' AND p.leased_to = n.name
-                           AND p.lease_expires > ? DESC, CASE WHEN p.status = 'leased' AND p.leased_to = n.name
-                           THEN p.lease_expires END DESC NULLS LAST, p.id) AS place
-                  FROM pairs p, (SELECT unnest(?::VARCHAR[]) AS name) n
-                  WHERE (p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ?) OR ({AVAILABLE}
-                    AND (p.strategy <> 'own' OR p.leased_to = n.name) AND {UNSEEN})) ranked
+                  SELECT *, row_number() OVER (PARTITION BY name ORDER BY mine DESC, held DESC NULLS LAST, id) AS place
+                  FROM (SELECT n.name, p.id,
+                               p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ? AS mine,
+                               CASE WHEN p.status = 'leased' AND p.leased_to = n.name THEN p.lease_expires END AS held
+                        FROM pairs p, (SELECT unnest(?::VARCHAR[]) AS name) n
+                        WHERE (p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ?) OR ({AVAILABLE}
+                          AND (p.strategy <> 'own' OR p.leased_to = n.name) AND {UNSEEN})) candidates) ranked
                 WHERE place <= ? ORDER BY mine DESC, held DESC NULLS LAST, id""",
-            [now, now, unique, now, now, enough],
+            [now, unique, now, now, enough],
         ).fetchall()
         held: dict[str, int] = {}
         for name, pair_id, mine in rows:  # held leases first, then available pairs oldest first

@@ -141,17 +141,13 @@ def _stage(cur, source: str, fmt: str, ranges: list[tuple[int, int]]):
         return ", ".join(f"{_longest(name, kind, length)}" for name, kind in types.items() if name != "__row")
 
     def stage(part: tuple[int, int]):
-        own = cur if len(ranges) == 1 else cur.cursor()  # a cursor per thread (a JSONL table is registered on cur)
-        with contextlib.closing(own) if own is not cur else contextlib.nullcontext():
+        whole = len(ranges) == 1  # else a cursor per thread (a JSONL table, always whole, is registered on cur)
+        with contextlib.nullcontext(cur) if whole else contextlib.closing(cur.cursor()) as own:
             for macro in MACROS:
                 own.execute(macro)
             sha = f"bulk_sha256_{uuid.uuid4().hex}"
             own.create_function(sha, _sha256, [duckdb.sqltype("VARCHAR")], duckdb.sqltype("VARCHAR"), type="arrow")
-            ranged = (
-                source
-                if len(ranges) == 1
-                else f"(SELECT * FROM {source} WHERE __row BETWEEN {part[0]} AND {part[1] - 1})"
-            )
+            ranged = source if whole else f"(SELECT * FROM {source} WHERE __row BETWEEN {part[0]} AND {part[1] - 1})"
             measured = f"(SELECT *, greatest({longest('strlen')}) AS __longest FROM {ranged})"
             sql = KEYED.replace("{rows}", rows.replace("{source}", measured)).replace("{sha}", sha)
             try:
