@@ -179,32 +179,73 @@ class LeaseDesk:
         return [next(voted) if isinstance(r, Vote) else views.get(next(leased)) for r in requests]
 
     def _lease_batch(self, cur, names: list[str], now: datetime, changes: dict) -> list[int | None]:
-        """Per name: the pair this person holds, else the oldest available pair they have not judged (one query).
+        """Per name: the pair this person holds, else the oldest available pair they have not judged.
         New leases are added to `changes`; pairs already in `changes` (just voted on) are left alone."""
-        # Each name's first `enough` candidates only: a name can lose at most one pair to each other name of the
-        # batch and to each pair voted on in it. (All of them, every available pair once per name, made the rows
-        # fetched grow as pairs × names: 28,800 rows, 12 ms, for 16 names and 1,800 ready pairs; 512 rows, 7 ms.)
-        unique, enough = list(dict.fromkeys(names)), len(set(names)) + len(changes)
-        rows = cur.execute(
-            f"""SELECT name, id, mine FROM (
-                  SELECT *, row_number() OVER (PARTITION BY name ORDER BY mine DESC, held DESC NULLS LAST, id) AS place
-                  FROM (SELECT n.name, p.id,
-                               p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ? AS mine,
-                               CASE WHEN p.status = 'leased' AND p.leased_to = n.name THEN p.lease_expires END AS held
-                        FROM pairs p, (SELECT unnest(?::VARCHAR[]) AS name) n
-                        WHERE (p.status = 'leased' AND p.leased_to = n.name AND p.lease_expires > ?) OR ({AVAILABLE}
-                          AND (p.strategy <> 'own' OR p.leased_to = n.name) AND {UNSEEN})) candidates) ranked
-                WHERE place <= ? ORDER BY mine DESC, held DESC NULLS LAST, id""",
-            [now, unique, now, now, enough],
-        ).fetchall()
-        held: dict[str, int] = {}
-        for name, pair_id, mine in rows:  # held leases first, then available pairs oldest first
-            if name in held or pair_id in changes:
-                continue
+        unique = list(dict.fromkeys(names))
+        # The oldest available pairs, enough for everyone: a name can lose one pair to each other name of the batch
+        # and to each pair voted on in it (then also one to each pair it judged or skipped: fetched again, 4× as
+        # many, when someone is left without a pair). Two plain statements and the choice here: one statement that
+        # ranked the pairs per name in SQL spent 5 of its 6 ms in DuckDB's planner, on every batch.
+        limit = len(unique) + len(changes) + 8  # 8: room for a few pairs each name skipped, before a second look
+        while True:
+            candidates, more = self._candidates(cur, unique, now, limit)
+            chosen = self._choose(candidates, unique, now, changes)
+            if len(chosen) == len(unique) or not more:
+                break
+            limit *= 4
+        for name, (pair_id, mine) in chosen.items():
             if not mine:
                 changes[pair_id] = ("leased", name, now + self.lease)
-            held[name] = pair_id
-        return [held.get(name) for name in names]
+        return [chosen[name][0] if name in chosen else None for name in names]
+
+    @staticmethod
+    def _candidates(cur, names: list[str], now: datetime, limit: int) -> tuple[dict[int, tuple], bool]:
+        """({pair id: (row, who judged or skipped it and did not undo that)}, whether more pairs are available):
+        every open pair these people hold or held, and the `limit` oldest available pairs."""
+        rows = cur.execute(
+            "SELECT id, status, leased_to, lease_expires, strategy, true FROM pairs "
+            "WHERE status IN ('ready', 'leased') AND leased_to = ANY(?) UNION ALL "
+            "(SELECT id, status, leased_to, lease_expires, strategy, false FROM pairs "
+            f"WHERE {AVAILABLE} AND strategy <> 'own' ORDER BY id LIMIT ?)",
+            [names, now, limit],
+        ).fetchall()
+        more = sum(not row[5] for row in rows) == limit
+        pairs = {row[0]: row[:5] for row in rows}
+        seen: dict[int, set[str]] = {pair_id: set() for pair_id in pairs}
+        if pairs:  # an undo supersedes a comparison of the same pair, so the pairs' own comparisons say it all
+            judged = cur.execute(
+                "SELECT pair_id, annotator, id, choice, supersedes FROM comparisons "
+                f"WHERE pair_id IN ({_ints(pairs)})"  # literal ids: a lookup, not a scan
+            ).fetchall()
+            undone = {row[4] for row in judged if row[4] is not None}
+            for pair_id, annotator, comparison_id, choice, _ in judged:
+                if choice != "undone" and comparison_id not in undone:
+                    seen[pair_id].add(annotator)
+        return {pair_id: (row, seen[pair_id]) for pair_id, row in pairs.items()}, more
+
+    @staticmethod
+    def _choose(candidates: dict[int, tuple], names: list[str], now: datetime, changes: dict) -> dict[str, tuple]:
+        """{name: (pair id, whether they hold it already)}: first the unexpired leases each name holds (the latest
+        first), then available pairs: their own expired leases (the latest first), then the oldest pairs they did not
+        judge; one pair per name, none that was voted on in this batch or given to another name."""
+        ranked = []
+        for place, name in enumerate(names):
+            for (pair_id, status, holder, expires, strategy), seen in candidates.values():
+                live = expires is not None and expires > now  # a lease still running
+                mine = status == "leased" and holder == name and live
+                available = status == "ready" or (status == "leased" and expires is not None and not live)
+                if not mine and not (available and (strategy != "own" or holder == name) and name not in seen):
+                    continue
+                held = expires if status == "leased" and holder == name else None
+                order = (not mine, held is None, -held.timestamp() if held else 0.0, pair_id, place)
+                ranked.append((order, name, pair_id, mine))
+        chosen: dict[str, tuple] = {}
+        taken: set[int] = set()
+        for _, name, pair_id, mine in sorted(ranked):
+            if name not in chosen and pair_id not in changes and pair_id not in taken:
+                chosen[name] = (pair_id, mine)
+                taken.add(pair_id)
+        return chosen
 
     def _vote_batch(self, cur, votes: list[Vote], now: datetime) -> tuple[list[int | ValueError], dict]:
         """Check each vote against its pair and insert the accepted comparisons (one INSERT). Returns the results

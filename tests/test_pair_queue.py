@@ -105,6 +105,27 @@ def test_leases_votes_and_skips(store, engine):
     assert queue.next_pair("carol")["pair_id"] == bob["pair_id"]
 
 
+def test_one_who_skipped_the_oldest_pairs_gets_the_next_they_did_not(store, engine):
+    """A lease batch first looks at a few of the oldest available pairs (labeling/pair_leases.py); someone who
+    skipped all of those gets the next pair, not nothing, and their skips go to others, oldest first."""
+    queue = PairQueue(store, engine, params=QUICK)
+    queue.generate_pairs(14)
+    skipped = []
+    for _ in range(12):  # more than the first look takes in for one person (1 + 8)
+        pair_id = queue.next_pair("alice")["pair_id"]
+        queue.record_vote(pair_id, "alice", "skip")
+        skipped.append(pair_id)
+    assert skipped == sorted(skipped) and len(set(skipped)) == 12
+    rest = [row[0] for row in rows(store, "SELECT id FROM pairs WHERE id NOT IN (SELECT unnest(?)) ORDER BY id",
+                                   [skipped])]  # fmt: skip
+    assert queue.next_pair("alice")["pair_id"] == rest[0]
+    assert queue.next_pair("bob")["pair_id"] == skipped[0]
+    queue.record_vote(rest[0], "alice", "A")
+    assert queue.next_pair("alice")["pair_id"] == rest[1]
+    queue.record_vote(rest[1], "alice", "A")
+    assert queue.next_pair("alice") is None  # judged or skipped every pair
+
+
 def test_an_expired_lease_is_refused_and_the_pair_goes_to_someone_else(store, engine):
     queue = PairQueue(store, engine, params=QUICK, lease_minutes=0.5)
     queue.generate_pairs(1)
