@@ -116,10 +116,12 @@ def test_one_who_skipped_the_oldest_pairs_gets_the_next_they_did_not(store, engi
         queue.record_vote(pair_id, "alice", "skip")
         skipped.append(pair_id)
     assert skipped == sorted(skipped) and len(set(skipped)) == 12
+    assert queue.depth("alice") == 2 and queue.depth("bob") == 14 and queue.depth() == 14
     rest = [row[0] for row in rows(store, "SELECT id FROM pairs WHERE id NOT IN (SELECT unnest(?)) ORDER BY id",
                                    [skipped])]  # fmt: skip
     assert queue.next_pair("alice")["pair_id"] == rest[0]
     assert queue.next_pair("bob")["pair_id"] == skipped[0]
+    assert queue.depth("alice") == 2 and queue.depth("bob") == 13 and queue.depth() == 12  # a held pair counts
     queue.record_vote(rest[0], "alice", "A")
     assert queue.next_pair("alice")["pair_id"] == rest[1]
     queue.record_vote(rest[1], "alice", "A")
