@@ -17,6 +17,8 @@ from labeling.combiner import Combiner
 from storage.db import annotator_name, check_judgement, insert_comparisons
 
 AVAILABLE = "(status = 'ready' OR (status = 'leased' AND lease_expires <= ?))"  # a pair someone may be given
+# a lease candidate's columns: what the choice needs, then what the page needs (LeaseDesk.views)
+CANDIDATE = "id, status, leased_to, lease_expires, strategy, prompt_id, generation_a, generation_b"
 
 
 def utc_now() -> datetime:
@@ -137,7 +139,8 @@ class LeaseDesk:
         with self.store.transaction(lock="pairs") as cur:  # on PostgreSQL: one app process at a time
             now = utc_now()
             voted, changes = self._vote_batch(cur, votes, now) if votes else ([], {})
-            leased = self._lease_batch(cur, names, now, changes) if names else []
+            known: dict[int, tuple] = {}
+            leased = self._lease_batch(cur, names, now, changes, known) if names else []
             if changes:
                 ids, values = list(changes), list(changes.values())
                 cur.execute(
@@ -146,13 +149,14 @@ class LeaseDesk:
                     "unnest(?::TIMESTAMP[]) AS expires) m WHERE pairs.id = m.id",
                     [ids, *([v[i] for v in values] for i in range(3))],
                 )
-        views = self.views([pair_id for pair_id in leased if pair_id is not None])
+        views = self.views([pair_id for pair_id in leased if pair_id is not None], known)
         voted, leased = iter(voted), iter(leased)
         return [next(voted) if isinstance(r, Vote) else views.get(next(leased)) for r in requests]
 
-    def _lease_batch(self, cur, names: list[str], now: datetime, changes: dict) -> list[int | None]:
+    def _lease_batch(self, cur, names: list[str], now: datetime, changes: dict, known: dict) -> list[int | None]:
         """Per name: the pair this person holds, else the oldest available pair they have not judged.
-        New leases are added to `changes`; pairs already in `changes` (just voted on) are left alone."""
+        New leases are added to `changes`; pairs already in `changes` (just voted on) are left alone; `known` gets
+        the page fields of each pair given (for views)."""
         unique = list(dict.fromkeys(names))
         # The oldest available pairs, enough for everyone: a name can lose one pair to each other name of the batch
         # and to each pair voted on in it (then also one to each pair it judged or skipped: fetched again, 4× as
@@ -166,6 +170,8 @@ class LeaseDesk:
                 break
             limit *= 4
         for name, (pair_id, mine) in chosen.items():
+            pair_id, _, _, _, strategy, *page = candidates[pair_id][0]
+            known[pair_id] = (pair_id, *page, strategy)
             if not mine:
                 changes[pair_id] = ("leased", name, now + self.lease)
         return [chosen[name][0] if name in chosen else None for name in names]
@@ -175,14 +181,13 @@ class LeaseDesk:
         """({pair id: (row, who judged or skipped it and did not undo that)}, whether more pairs are available):
         every open pair these people hold or held, and the `limit` oldest available pairs."""
         rows = cur.execute(
-            "SELECT id, status, leased_to, lease_expires, strategy, true FROM pairs "
-            "WHERE status IN ('ready', 'leased') AND leased_to = ANY(?) UNION ALL "
-            "(SELECT id, status, leased_to, lease_expires, strategy, false FROM pairs "
-            f"WHERE {AVAILABLE} AND strategy <> 'own' ORDER BY id LIMIT ?)",
+            f"SELECT {CANDIDATE}, true FROM pairs WHERE status IN ('ready', 'leased') AND leased_to = ANY(?) "
+            f"UNION ALL (SELECT {CANDIDATE}, false FROM pairs WHERE {AVAILABLE} AND strategy <> 'own' ORDER BY id "
+            "LIMIT ?)",
             [names, now, limit],
         ).fetchall()
-        more = sum(not row[5] for row in rows) == limit
-        pairs = {row[0]: row[:5] for row in rows}
+        more = sum(not row[-1] for row in rows) == limit
+        pairs = {row[0]: row[:-1] for row in rows}
         seen: dict[int, set[str]] = {pair_id: set() for pair_id in pairs}
         if pairs:  # literal ids: a lookup, not a scan
             sql = (
@@ -199,7 +204,7 @@ class LeaseDesk:
         judge; one pair per name, none that was voted on in this batch or given to another name."""
         ranked = []
         for place, name in enumerate(names):
-            for (pair_id, status, holder, expires, strategy), seen in candidates.values():
+            for (pair_id, status, holder, expires, strategy, *_), seen in candidates.values():
                 mine = status == "leased" and holder == name and expires is not None and expires > now
                 available = _available(status, expires, now)
                 if not mine and not (available and (strategy != "own" or holder == name) and name not in seen):
@@ -291,16 +296,19 @@ class LeaseDesk:
             ).fetchone()
         return row[0] if row else None
 
-    def views(self, pair_ids: list[int]) -> dict[int, dict]:
-        """What the page shows of each pair: the pairs, then their prompts and answers, each looked up by id in a
-        literal IN list (an index lookup; one query joining the three scanned every generation at a million)."""
+    def views(self, pair_ids: list[int], known: dict[int, tuple] | None = None) -> dict[int, dict]:
+        """What the page shows of each pair: the pairs (unless `known` has their rows: id, prompt_id, generation_a,
+        generation_b, strategy), then their prompts and answers, each looked up by id in a literal IN list (an index
+        lookup; one query joining the three scanned every generation at a million)."""
         ids = sorted({int(i) for i in pair_ids})
+        known = known or {}
         if not ids:
             return {}
         with self.store.read() as cur:
-            pairs = cur.execute(
-                f"SELECT id, prompt_id, generation_a, generation_b, strategy FROM pairs WHERE id IN ({_ints(ids)})"
-            ).fetchall()
+            pairs = [known[i] for i in ids if i in known]
+            if missing := [i for i in ids if i not in known]:
+                sql = "SELECT id, prompt_id, generation_a, generation_b, strategy FROM pairs WHERE id IN "
+                pairs += cur.execute(f"{sql}({_ints(missing)})").fetchall()
             if not pairs:
                 return {}
             answers = {
