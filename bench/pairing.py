@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.loop import prompt_split  # noqa: E402
+from bench.heldout import prompt_split  # noqa: E402
 from bench.tastes import TASTES, paragraphs, words  # noqa: E402
 
 

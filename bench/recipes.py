@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.chdir(REPO)
 
-from bench.loop import answer, judge, parent_answers, prompt_split  # noqa: E402
+from bench.heldout import answer, judge, parent_answers, prompt_split  # noqa: E402
 from bench.tastes import TASTES, Taste  # noqa: E402
 
 
