@@ -151,16 +151,22 @@ class PgCursor:
         self.close()
 
 
+NUL_STAND_IN = "\ufffd"  # PostgreSQL text cannot hold NUL, which a model can emit: stored as U+FFFD instead
+
+
 def _adapt(params):
-    """Parameters as psycopg takes them: lists stay lists (arrays), tuples become lists, numpy scalars plain."""
+    """Parameters as psycopg takes them: lists stay lists (arrays), tuples become lists, numpy scalars plain, and a
+    NUL character in a string becomes NUL_STAND_IN (DuckDB stores it as it is)."""
     if isinstance(params, dict):
         return {key: _value(value) for key, value in params.items()}
     return [_value(value) for value in params]
 
 
 def _value(value):
-    if isinstance(value, tuple):
-        return list(value)
+    if isinstance(value, str):
+        return value.replace("\x00", NUL_STAND_IN) if "\x00" in value else value
+    if isinstance(value, (tuple, list)):
+        return [_value(item) for item in value]
     if hasattr(value, "item") and not isinstance(value, (list, str, bytes)):  # numpy scalar
         return value.item()
     return value

@@ -113,6 +113,23 @@ def test_prompts_are_stored_once_and_validated(db_url):
     store.close()
 
 
+def test_an_answer_with_a_nul_character_is_stored(db_url):
+    """A model can emit NUL (a tiny random one did, and PostgreSQL refused the pair: "text fields cannot contain NUL
+    (0x00) bytes"). DuckDB keeps it; PostgreSQL stores U+FFFD in its place, in lists (arrays) as well."""
+    store = Store(db_url)
+    prompt = store.add_prompt("q\x00?", "test")
+    generation = store.add_generation(prompt, "\x00 Clim Heightceeds", model_name="m\x00")
+    stand_in = "\x00" if store.dialect == "duckdb" else "\ufffd"
+    with store.read() as cur:
+        assert cur.execute("SELECT text, model_name FROM generations WHERE id = ?", [generation]).fetchall() == [
+            (f"{stand_in} Clim Heightceeds", f"m{stand_in}")
+        ]
+        found = cur.execute("SELECT count(*) FROM generations WHERE model_name = ANY(?)", [["m\x00"]]).fetchone()
+        assert found == (1,)  # a lookup with the same text finds it
+    assert store.add_prompt("q\x00?", "test") == prompt  # found again by its hash
+    store.close()
+
+
 def _pair(store):
     prompt = store.add_prompt("q", "test")
     return prompt, store.add_generation(prompt, "a", model_version_id=0), store.add_generation(prompt, "b")
