@@ -55,9 +55,6 @@ class GroupCommit:
             while not item.done:
                 self._ready.wait(CHECK_SECONDS)
                 if not item.done and not self._thread.is_alive():
-                    self._fail(self._running, CommitterStopped("the commit thread stopped; this write was not stored"))
-                    self._running = []
-                    self.restarts += 1
                     self._ensure_thread()  # the writes still queued go to a new committer
         if item.error is not None:
             raise item.error
@@ -71,6 +68,14 @@ class GroupCommit:
             self._thread.join(timeout=timeout)
 
     def _ensure_thread(self) -> None:
+        """Start a committer when none runs (called with `_ready` held). When one died, the writes it held hear so
+        first, whoever notices: a writer arriving after the death, or one waiting (a new committer started without
+        this would take over `_running`, and the writes the dead one held would wait forever)."""
+        if self._thread is not None and not self._thread.is_alive():
+            self._fail(self._running, CommitterStopped("the commit thread stopped; this write was not stored"))
+            self._running = []
+            self.restarts += 1
+            self._ready.notify_all()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name="duckdb-committer", daemon=True)
             self._thread.start()

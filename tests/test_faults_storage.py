@@ -155,6 +155,46 @@ def test_writers_hear_within_a_second_when_the_committer_dies_and_a_new_one_take
         store.close()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_write_arriving_after_the_committer_died_answers_the_writes_it_held(tmp_path, monkeypatch):
+    """The race CI hit: a new write started a new committer before any waiting writer noticed the death, and the
+    writes the dead committer held waited forever."""
+    store = Store(tmp_path / "dies-late.duckdb")
+    real, died = commit.GroupCommit._run_batch, threading.Event()
+
+    def dies_once(self, batch):
+        if not died.is_set():
+            died.set()
+            raise SystemExit("the committer thread ends")
+        return real(self, batch)
+
+    monkeypatch.setattr(commit.GroupCommit, "_run_batch", dies_once)
+    monkeypatch.setattr(commit, "CHECK_SECONDS", 30)  # the held writer would look again only this late
+    outcome: dict = {}
+
+    def held() -> None:
+        try:
+            outcome["held"] = store.add_prompt("held by the committer that dies", "test")
+        except commit.CommitterStopped as exc:
+            outcome["held"] = exc
+
+    writer = threading.Thread(target=held)
+    writer.start()
+    try:
+        assert died.wait(5)
+        deadline = time.monotonic() + 5
+        while store._commits._thread.is_alive():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        began = time.monotonic()
+        assert store.add_prompt("arrives after the death", "test") > 0
+        writer.join(5)
+        assert isinstance(outcome.get("held"), commit.CommitterStopped), outcome
+        assert time.monotonic() - began < 1.0 and store._commits.restarts == 1
+    finally:
+        store.close()
+
+
 # ---- a database that cannot be opened: one line at start ------------------------------------------------------
 @contextlib.contextmanager
 def read_only_dir(path: Path):
