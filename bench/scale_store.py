@@ -51,22 +51,10 @@ def tiny_model(folder: Path) -> Path:
     out = folder / "tiny-llama"
     if (out / "config.json").is_file():
         return out
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from models.loading import resolve_model
+    from tests.tinymodel import save_tiny_llama
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("bundled", ROOT / "data" / "models"))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_llama(Path(resolve_model("bundled", ROOT / "data" / "models")), out)
 
 
 def app_start(db: Path, model: Path, folder: Path, timeout: float) -> float | None:

@@ -88,7 +88,7 @@ class LeaseDesk:
             alone = [  # a lease of theirs still running, or an own pair of theirs they have not skipped
                 pair_id
                 for pair_id, status, holder, expires, strategy in theirs
-                if holder == name and ((status == "leased" and expires is not None and expires > now)
+                if holder == name and (_running(status, expires, now)
                                        or (strategy == "own" and _available(status, expires, now)
                                            and (pair_id, name) not in seen))
             ]  # fmt: skip
@@ -205,7 +205,7 @@ class LeaseDesk:
         ranked = []
         for place, name in enumerate(names):
             for (pair_id, status, holder, expires, strategy, *_), seen in candidates.values():
-                mine = status == "leased" and holder == name and expires is not None and expires > now
+                mine = holder == name and _running(status, expires, now)
                 available = _available(status, expires, now)
                 if not mine and not (available and (strategy != "own" or holder == name) and name not in seen):
                     continue
@@ -337,6 +337,11 @@ class LeaseDesk:
 def _available(status: str, expires: datetime | None, now: datetime) -> bool:
     """AVAILABLE, for a row in hand: ready, or leased with the lease run out."""
     return status == "ready" or (status == "leased" and expires is not None and expires <= now)
+
+
+def _running(status: str, expires: datetime | None, now: datetime) -> bool:
+    """A lease still running: its holder keeps the pair (the opposite of a leased pair being AVAILABLE)."""
+    return status == "leased" and expires is not None and expires > now
 
 
 def _active(judged: list[tuple]) -> dict[tuple, tuple]:

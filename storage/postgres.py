@@ -167,7 +167,7 @@ def _value(value):
         return value.replace("\x00", NUL_STAND_IN) if "\x00" in value else value
     if isinstance(value, (tuple, list)):
         return [_value(item) for item in value]
-    if hasattr(value, "item") and not isinstance(value, (list, str, bytes)):  # numpy scalar
+    if hasattr(value, "item") and not isinstance(value, bytes):  # numpy scalar (str and lists are handled above)
         return value.item()
     return value
 
