@@ -15,8 +15,7 @@ Per taste, on a fresh database (WORK/TASTE/app.duckdb):
    (the taste cannot tell the two apart, e.g. identical answers) left out, with a 95 % Wilson interval; ties
    counted as half a win are printed too.
 
-Held-out prompts are training/heldout_prompts.txt plus, when `--heldout` asks for more, the last seed prompts;
-labeling uses the other seed prompts (labeling/seed_prompts.txt), so no held-out prompt is ever voted on.
+The held-out prompts (never voted on), their answers and the verdict: bench/heldout.py.
 `--reuse` keeps a database that already holds the votes (train and judge again with other settings); the parent's
 held-out answers are cached in WORK (the parent is the base model for every taste).
 """
