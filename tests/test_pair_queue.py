@@ -309,7 +309,9 @@ def test_generate_command_fills_the_queue(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_the_bundled_model_generates_a_pair(tmp_path, bundled_model_dir):
     store = Store(tmp_path / "real.duckdb")
-    store.add_prompt("What is the capital of France?", "test")
+    # A question no answer ends within 3 tokens: sampled with random seeds, "What is the capital of France?" was
+    # once answered "Paris." and the token count check below failed.
+    store.add_prompt("Explain in two sentences why the sky is blue.", "test")
     engine = GenerationEngine("bundled", cache_dir=bundled_model_dir.parent)
     try:
         queue = PairQueue(store, engine, params=SamplingParams(max_new_tokens=24))
