@@ -1,6 +1,6 @@
 """Which pairs make votes count? The share of pairs a taste can decide, for ways of picking a pair's two sides.
 
-    python bench/pairing.py [--samples 4] [--max-new-tokens 512] [--texts FILE]
+    python bench/pairing.py [--samples 4] [--max-new-tokens 512] [--repetition-penalty 1.1] [--texts FILE]
 
 Every labeling prompt (bench/loop.py's split) is answered `--samples` times, half at each of the pair queue's two
 temperatures. For each taste (bench/tastes.py) it prints the share of *decisive* pairs (exactly one side has the
@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.heldout import prompt_split  # noqa: E402
 from bench.tastes import TASTES, paragraphs, words  # noqa: E402
+from generation.defaults import repetition_penalty_default  # noqa: E402
 
 
 def distance(a: str, b: str) -> float:
@@ -54,7 +55,12 @@ def generate(args) -> list[list[str]]:
     requests = [
         (
             [{"role": "user", "content": p}],
-            SamplingParams(temperature=t, max_new_tokens=args.max_new_tokens, seed=50_000 + 100 * i + j),
+            SamplingParams(
+                temperature=t,
+                max_new_tokens=args.max_new_tokens,
+                seed=50_000 + 100 * i + j,
+                repetition_penalty=args.repetition_penalty,
+            ),
             0,
         )
         for i, p in enumerate(labeling)
@@ -71,6 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=repetition_penalty_default(), help="the app's default unless set"
+    )
     parser.add_argument("--texts", help="reuse saved samples (a JSON list of lists) instead of generating")
     parser.add_argument("--out", default="/tmp/prefloop-loop/pairing-samples.json")
     args = parser.parse_args()
