@@ -67,3 +67,15 @@ def app_process(tmp_path: Path, model_dir: Path, *args: str, env: dict | None = 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def table(db: Path, sql: str) -> list[tuple]:
+    """Rows of `sql` in the store a stopped app left at `db`."""
+    from storage.db import Store
+
+    store = Store(db)
+    try:
+        with store.read() as cur:
+            return cur.execute(sql).fetchall()
+    finally:
+        store.close()
