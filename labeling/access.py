@@ -187,8 +187,10 @@ class Access:
     def annotator(self, request, claimed: str | None) -> str:
         """The name a labeling call acts for: the login under auth (another name is refused), else `claimed`."""
         who = self.require(request, "label")
-        key = who.name or (claimed or "").strip() or "-"
-        if not self.limiter.allow(key):
+        key = who.name or (claimed or "").strip()
+        # A call without a name does no work (every service refuses an empty name): it takes from no bucket, else
+        # every anonymous page load would share one, and one client's flood would lock everyone else out.
+        if key and not self.limiter.allow(key):
             raise AccessDenied("Too many requests: slow down (at most about 20 per second).")
         if who.name is None:
             return claimed or ""

@@ -116,3 +116,28 @@ def load_users_dict(roles: dict[str, str]):
     from labeling.access import User
 
     return {name: User(name, "pw", role) for name, role in roles.items()}, []
+
+
+def test_calls_without_a_name_take_from_no_rate_limit_bucket():
+    """Every anonymous page load asks for the caller's name with none given: they used to share one bucket ("-"),
+    so one client posting the page load 20 times a second locked every other visitor out."""
+    access = Access(local=False)
+    anonymous = SimpleNamespace(username=None, session={})
+    assert all(access.annotator(anonymous, None) == "" for _ in range(500))  # a flood of name-less calls
+    assert access.annotator(anonymous, "dave") == "dave"  # still served
+    with pytest.raises(AccessDenied, match="Too many requests"):
+        for _ in range(200):  # a flood under one name still meets the limit
+            access.annotator(anonymous, "dave")
+
+
+def test_the_leaderboard_timer_checks_the_caller_before_it_reads_the_store():
+    """An anonymous visitor of a Space may not read: the timer's refresh answers nothing, and does not query (its
+    handlers have no services here, so a query would fail) nor say whether anything changed."""
+    import gradio as gr
+
+    from ui.leaderboard_tab import LeaderboardHandlers
+
+    handlers = LeaderboardHandlers(None, Access(local=False, oauth=True))
+    anonymous = SimpleNamespace(username=None, session={})
+    assert handlers.refresh_if_changed(anonymous) == [gr.skip()] * 8
+    assert "Log in first" in handlers.refresh(anonymous)[0]

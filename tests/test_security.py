@@ -142,3 +142,9 @@ def test_without_auth_on_a_public_address_admin_actions_name_auth(tmp_path, tiny
         assert services.runner.runs() == [] and run_folders(services) == []
         _, output = rawhttp.call(http, rawhttp.fn_index(cfg, "export-btn"), ["raw", ".jsonl"])
         assert output[0] is None and "--auth" in rawhttp.text_of(output)
+        before = counts(services)
+        for elem_id in (*ADMIN_BUTTONS, "promote-btn"):  # every admin action, as posted with the page's inputs
+            index = rawhttp.fn_index(cfg, elem_id)
+            _, output = rawhttp.call(http, index, rawhttp.default_inputs(cfg, index))
+            assert "--auth" in rawhttp.text_of(output), elem_id
+        assert counts(services) == before and services.runner.runs() == [] and run_folders(services) == []

@@ -144,7 +144,7 @@ class LabelHandlers:
         """Page load: the login (under auth) or the name this browser stored."""
         skip = [gr.skip()] * 8
         try:
-            name = self.access.annotator(request, None) or (stored or "").strip()
+            name = self.access.annotator(request, None) or self.access.annotator(request, (stored or "").strip())
         except AccessDenied as exc:
             return "", gr.update(visible=False), *skip, f"⚠️ {exc}"
         if not name:

@@ -88,6 +88,10 @@ class LeaderboardHandlers:
 
     def refresh_if_changed(self, request: gr.Request):
         """The timer's refresh: nothing is sent when nothing changed since this server last computed."""
+        try:
+            self.access.require(request, "read")  # first: the state is queries, and whether it changed is news
+        except AccessDenied:
+            return [gr.skip()] * 8
         if self._cache is not None and self._cache[0] == self._state():
             return [gr.skip()] * 8
         return self.refresh(request)
