@@ -9,7 +9,9 @@ from collections.abc import Callable
 class Combiner:
     """Callers queue an item; one caller at a time leads: it runs `batch(items)` for everything waiting, the others
     wait for their answers (and the next of them leads the next batch), so concurrent callers share transactions.
-    `batch` returns one result per item; an exception result is raised to that item's caller only."""
+    `batch` returns one result per item; an exception result is raised to that item's caller only. When the whole
+    batch fails (its transaction rolled back: nothing of it was written), each item is run again alone, so one
+    caller's bad request fails that caller only, not everyone who happened to share the batch."""
 
     def __init__(self, batch: Callable[[list], list]):
         self._batch = batch
@@ -29,9 +31,7 @@ class Combiner:
                 results = [RuntimeError("interrupted")] * len(tickets)
                 self._changed.release()
                 try:
-                    results = self._batch([t[0] for t in tickets])
-                except Exception as exc:  # the whole transaction failed: every caller in it hears why
-                    results = [exc] * len(tickets)
+                    results = self._run([t[0] for t in tickets])
                 finally:
                     self._changed.acquire()
                     self._busy = False
@@ -41,3 +41,11 @@ class Combiner:
         if isinstance(ticket[1], Exception):
             raise ticket[1]
         return ticket[1]
+
+    def _run(self, items: list) -> list:
+        try:
+            return self._batch(items)
+        except Exception as exc:
+            if len(items) == 1:
+                return [exc]
+        return [self._run([item])[0] for item in items]

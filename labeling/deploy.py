@@ -58,8 +58,12 @@ def add_deploy_args(parser: argparse.ArgumentParser) -> None:
 
 def check_deploy_args(parser: argparse.ArgumentParser, args: argparse.Namespace, default_strategies) -> None:
     """parser.error (exit 2) on combinations that cannot work; a served model adds 'endpoint' to the defaults."""
-    if args.backup_every <= 0:
-        parser.error("--backup-every must be a positive number of seconds")
+    from storage.backup import MAX_BACKUP_EVERY_S  # here: storage.backup imports pyarrow (0.2 s)
+
+    if not (0 < args.backup_every <= MAX_BACKUP_EVERY_S):  # also NaN (no comparison holds) and inf
+        parser.error(
+            f"--backup-every must be a number of seconds in (0, {MAX_BACKUP_EVERY_S:,}], not {args.backup_every}"
+        )
     if args.backup_hub_repo and not args.backup_dir:
         parser.error("--backup-hub-repo needs --backup-dir (the local folder the Hub repo mirrors)")
     if args.backup_dir and is_postgres(getattr(args, "db", "")):

@@ -54,6 +54,8 @@ BATCH_ROWS = 50_000
 EMPTY = "0:0:0"  # the fingerprint of an empty table
 SHARD_NAME = re.compile(r"^(\d{6,})-\d{8}T\d{6}Z\.parquet$")
 
+MAX_BACKUP_EVERY_S = 7 * 86_400  # a week: a longer period (1e300 s) killed the backup thread with OverflowError
+
 
 class BackupError(RuntimeError):
     """A backup that cannot be taken safely (e.g. the database is behind the backup folder)."""
@@ -339,8 +341,8 @@ class BackupScheduler:
         hub=None,
         extra: Callable[[], Mapping[str, str | Path]] | None = None,
     ):
-        if every_s <= 0:
-            raise ValueError("every_s must be positive")
+        if not (0 < every_s <= MAX_BACKUP_EVERY_S):  # NaN passes no comparison: it would flush without pause
+            raise ValueError(f"every_s must be in (0, {MAX_BACKUP_EVERY_S}] seconds, not {every_s}")
         self.backup, self.every_s, self.hub, self.extra = Backup(store, folder), every_s, hub, extra
         self.last_result, self.last_error = None, None  # the last flush's result; the last failure, until one works
         self._push_due = hub is not None  # push once after start, then after every flush that wrote something

@@ -90,6 +90,8 @@ def parse_prompt(record: str | dict) -> Item:
     """A prompt-list record: a text line, a prompt-like column, or a chat `messages` list."""
     if isinstance(record, str):
         return Item("", canonical_messages(record))
+    if not isinstance(record, dict):
+        raise ValueError(f"a prompt row must be a line of text or an object, found {type(record).__name__}")
     messages = record.get("messages")
     if messages not in (None, "", []):
         history = _messages(messages, "messages")

@@ -20,6 +20,7 @@ from storage.errors import ImportFailed
 from storage.import_bulk import bulk_import
 from storage.import_formats import FORMATS, PARSERS, PROMPT_FORMATS, Item, detect_format, require_object
 from storage.migrations import dialect
+from storage.rows import NOT_UNICODE, is_unicode
 
 __all__ = ["FORMATS", "import_file", "read_records", "write_items"]
 
@@ -290,13 +291,26 @@ def _parquet_records(path: Path) -> list[tuple[str, Any]]:
 
 
 def _check_sizes(path: Path, where: str, record: Any) -> None:
+    """Every text of the row: at most MAX_FIELD_CHARS, and one UTF-8 can hold (any field: names and models too)."""
     if isinstance(record, str):
         if len(record) > MAX_FIELD_CHARS:
             raise ImportFailed(path, f"the line is over {MAX_FIELD_CHARS:,} characters", where)
+        if not is_unicode(record):
+            raise ImportFailed(path, f"the line {NOT_UNICODE}", where)
         return
     for key, value in record.items() if isinstance(record, dict) else ():
         if _longest_text(value) > MAX_FIELD_CHARS:
             raise ImportFailed(path, f"field {key!r} is over {MAX_FIELD_CHARS:,} characters", where)
+        if not all(is_unicode(text) for text in _texts(value)):
+            raise ImportFailed(path, f"field {key!r} {NOT_UNICODE}", where)
+
+
+def _texts(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict | list):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _texts(item)
 
 
 def _longest_text(value: Any) -> int:

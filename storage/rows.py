@@ -27,12 +27,29 @@ def canonical_messages(prompt: str | list[dict]) -> list[dict]:
             raise ValueError(f"message {i + 1} has no text content")
         if len(content) > MAX_FIELD_CHARS:
             raise ValueError(f"message {i + 1} is over {MAX_FIELD_CHARS:,} characters")
+        if not is_unicode(content):
+            raise ValueError(f"message {i + 1} {NOT_UNICODE}")
         messages.append({"role": message["role"], "content": content})
     if messages[-1]["role"] != "user":
         raise ValueError("the last message of a prompt must come from the user")
     if not messages[-1]["content"].strip():
         raise ValueError("the prompt is empty")
     return messages
+
+
+def is_unicode(text: str) -> bool:
+    """False for a string UTF-8 cannot hold: one with a lone surrogate (JSON's "\\ud800" parses to one in Python),
+    which no store accepts; caught at the edge so the error names the field and not the database."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+NOT_UNICODE = "holds a character that is not valid Unicode (a lone surrogate such as \\ud800)"
 
 
 def prompt_hash(messages: list[dict]) -> str:
@@ -44,6 +61,8 @@ def annotator_name(name: str) -> str:
     name = (name or "").strip() if isinstance(name, str) else ""
     if not name:
         raise ValueError("every judgement needs an annotator name")
+    if not is_unicode(name):
+        raise ValueError(f"the annotator name {NOT_UNICODE}")
     return name
 
 
@@ -54,3 +73,5 @@ def check_judgement(choice: str, rationale: str | None, edited_answer: str | Non
     for label, value in (("rationale", rationale), ("edited answer", edited_answer)):
         if value is not None and len(value) > MAX_FIELD_CHARS:
             raise ValueError(f"the {label} is over {MAX_FIELD_CHARS:,} characters")
+        if value is not None and not is_unicode(value):
+            raise ValueError(f"the {label} {NOT_UNICODE}")

@@ -71,5 +71,9 @@ def test_eight_concurrent_clients_every_vote_stored_once(tmp_path, tiny_model_di
                 client.predict(pair_id, "carol", "maybe", "", "", api_name="/vote")
             with pytest.raises(Exception, match="name"):
                 client.predict(pair_id, "", "A", "", "", api_name="/vote")
+            with pytest.raises(Exception, match="control characters"):
+                client.predict(pair_id, "carol\x1b[2J", "A", "", "", api_name="/vote")
+            with pytest.raises(Exception, match="rationale holds a character that is not valid Unicode"):
+                client.predict(pair_id, "carol", "A", "bad \ud800", "", api_name="/vote")  # JSON's "\ud800"
         with services.store.read() as cur:
             assert cur.execute("SELECT count(*) FROM effective_comparisons").fetchone()[0] == CLIENTS * VOTES_EACH

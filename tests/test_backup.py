@@ -270,8 +270,9 @@ def test_the_scheduler_flushes_periodically_and_once_more_at_stop(store, tmp_pat
     assert not scheduler._thread.is_alive() and scheduler.last_error is None
     shards = list_shards(folder, "comparisons")
     assert len(shards) == 2 and shard_ids(shards[-1][1]) == [late]
-    with pytest.raises(ValueError):
-        BackupScheduler(store, folder, every_s=0)
+    for bad in (0, float("nan"), 1e300):  # nan flushed without pause; 1e300 killed the thread (OverflowError)
+        with pytest.raises(ValueError, match="every_s must be in"):
+            BackupScheduler(store, folder, every_s=bad)
 
 
 class FakeHub:
@@ -299,3 +300,13 @@ def test_the_scheduler_pushes_after_flushes_that_wrote_and_retries_a_failed_push
     hub.broken = False
     assert scheduler.stop(flush=True)["flush"] is None and len(hub.pushes) == 2  # the failed push is retried
     assert scheduler.last_error is None
+
+
+def test_the_app_refuses_a_backup_period_it_cannot_keep(capsys):
+    import app
+
+    for bad in ("nan", "1e300", "0"):
+        with pytest.raises(SystemExit) as stopped:
+            app.parse_args(["--backup-every", bad])
+        assert stopped.value.code == 2 and "--backup-every must be a number of seconds in" in capsys.readouterr().err
+    assert app.parse_args(["--backup-every", "60"]).backup_every == 60

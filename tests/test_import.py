@@ -257,6 +257,10 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
         "unknown format": (write_jsonl(tmp_path / "ok.jsonl", [good]), "yaml", r"ok\.jsonl: unknown format 'yaml'"),
         "hh not a transcript": (write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "just text", "rejected": "x"}]),
                                 "hh", r"hh\.jsonl, line 1: field 'chosen' must be a transcript"),
+        "lone surrogate": (write_jsonl(tmp_path / "sur.jsonl", [good, {**good, "chosen": "ok \ud800"}]), "auto",
+                           r"sur\.jsonl, line 2: field 'chosen' holds a character that is not valid Unicode"),
+        "number as prompt": (tmp_path / "nums.json", "auto",
+                             r"nums\.json, item 2: a prompt row must be a line of text or an object, found int"),
     }  # fmt: skip
     (tmp_path / "cut.jsonl").write_text(json.dumps(good) + '\n{"prompt": "Name a colour.", "chosen": "Blue."\n')
     (tmp_path / "cut.json").write_text('[\n{"prompt": "a"},\n{"prompt": "b"', encoding="utf-8")
@@ -267,12 +271,14 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
     (tmp_path / "junk.parquet").write_bytes(b"PAR1 this is not parquet")
     (tmp_path / "lines.txt").write_text("a prompt\n", encoding="utf-8")
     (tmp_path / "data.xlsx").write_bytes(b"PK\x03\x04")
+    (tmp_path / "nums.json").write_text('[\n"hello",\n5\n]', encoding="utf-8")
     return cases
 
 
 BAD_CASES = ["unknown shape", "truncated json", "truncated json array", "wrong encoding", "empty file", "no rows",
              "missing file", "10 MB field", "10 MB csv field", "not parquet", "bad role", "bad winner", "bad label",
-             "format mismatch", "txt as trl", "unsupported type", "unknown format", "hh not a transcript"]  # fmt: skip
+             "format mismatch", "txt as trl", "unsupported type", "unknown format", "hh not a transcript",
+             "lone surrogate", "number as prompt"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

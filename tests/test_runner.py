@@ -49,7 +49,18 @@ def test_validation_refuses_and_launches_nothing(store, tmp_path, tiny_model_dir
         runner.submit("ppo", QUICK)
     with pytest.raises(RunRejected, match="version 7 does not exist"):
         runner.submit("dpo", QUICK, parent_version=7)
-    assert run_rows(store) == []
+    # What only the child's dataclass knew: refused here now, before a snapshot, a queue entry or a first stage.
+    with pytest.raises(RunRejected, match="learning rate must be a number above 0 \\(got nan\\)"):
+        runner.submit("dpo", {**QUICK, "learning_rate": float("nan")})
+    with pytest.raises(RunRejected, match="dpo: max_length: must be ≥ 16 tokens"):
+        runner.submit("dpo", {**QUICK, "max_length": 8})
+    with pytest.raises(RunRejected, match="kto: batch_size: KTO's KL estimate needs at least 2 rows"):
+        runner.submit("kto", {**QUICK, "batch_size": 1})
+    with pytest.raises(RunRejected, match="unknown key 'learnig_rate'"):
+        runner.submit("dpo", {**QUICK, "learnig_rate": 1e-4})
+    with pytest.raises(RunRejected, match="ppo: total_episodes: must be ≥ 1"):  # before the reward model trains
+        runner.submit_chain(QUICK, {"total_episodes": 0})
+    assert run_rows(store) == [] and not list((tmp_path / "runs").glob("run-*"))
 
 
 def test_failing_child_is_marked_failed_with_its_log(store, tmp_path, tiny_model_dir):

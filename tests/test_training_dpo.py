@@ -216,6 +216,8 @@ def test_parse_config_layers_defaults_yaml_and_flags(tmp_path):
         parse_config(CommonConfig, ["--data", str(data), "--out", str(tmp_path), "--lora-dropout", "1"])
     with pytest.raises(ConfigError, match="gradient_checkpointing: expected bool"):
         parse_config(CommonConfig, ["--data", str(data), "--out", str(tmp_path), "--gradient-checkpointing", "maybe"])
+    with pytest.raises(ConfigError, match="max_steps: expected int, got '1e400'"):  # int(inf): OverflowError
+        parse_config(CommonConfig, ["--data", str(data), "--out", str(tmp_path), "--max-steps", "1e400"])
 
 
 def test_heldout_prompts_skip_trained_ones():

@@ -73,7 +73,7 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
             if isinstance(value, dict | list):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int("1e400") is int(inf)
         raise ConfigError(f"{name}: expected {base.__name__}, got {value!r}") from None
     return value
 
@@ -116,18 +116,25 @@ def parse_config(cls: type[C], argv: list[str]) -> C:
     parser.__class__ = _Parser
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
-    known = {f.name for f in dataclasses.fields(cls)}
     config_file = args.pop("config", None)
     if config_file:
-        for key, value in _read_yaml(config_file).items():
-            if key not in known:
-                raise ConfigError(f"{config_file}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-            values[key] = _coerce(cls, key, value)
+        values = dict(vars(build_config(cls, _read_yaml(config_file), where=config_file)))
     for key, value in args.items():
         values[key] = _coerce(cls, key, value)
     cfg = cls(**values)
     cfg.validate()
     return cfg
+
+
+def build_config(cls: type[C], settings: dict, where: str = "settings") -> C:
+    """`cls` with these fields over its defaults, each type-checked (not `validate()`d). Raises ConfigError."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in settings.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        values[key] = _coerce(cls, key, value)
+    return cls(**values)
 
 
 def _read_yaml(path: str) -> dict:

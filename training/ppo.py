@@ -86,6 +86,10 @@ class PPORunConfig(CommonConfig):
         super().validate()
         check_reward_model(self.reward_model)
         _check_vocab(self)
+        self.validate_rollout()
+
+    def validate_rollout(self) -> None:
+        """Every check but the reward model's (a chain's PPO settings are checked before its reward model exists)."""
         if self.prompts:
             path = Path(self.prompts)
             if not path.is_file():

@@ -23,9 +23,11 @@ from storage.exporters import export_rows, ppo_prompt_rows
 from storage.scores import load_score_file, save_scores, write_generations_to_score
 from storage.tallies import usable_pairs
 from training.children import Children
+from training.configparse import ConfigError
 from training.datamix import EXPORT_FORMATS, ROW_KINDS, resolve_method
 from training.files import write_jsonl
 from training.run_folder import end_event, log_tail, read_json, read_progress
+from training.settings_check import check_settings
 
 METHODS = ("dpo", "reward", "ppo", "kto", "sft", "sft_dpo", "auto")  # auto: training/datamix.py picks one
 CANCEL_KEY = "cancel_run:"  # app_settings key + run id: cancel a run another app process watches
@@ -141,12 +143,14 @@ class JobRunner:
         if method not in METHODS:
             raise RunRejected(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         method, reason = resolve_method(self.store, method)  # 'auto' becomes dpo, kto or sft_dpo, with the reason
-        validate_settings(method, settings)
         parent = self.store.get_version(parent_version)
         if parent is None or parent.get("kind", "policy") != "policy":
             raise RunRejected(f"model version {parent_version} does not exist")
         if method == "ppo" and not settings.get("reward_model"):
             raise RunRejected("no reward model: train one first (method 'reward', or the reward → PPO chain)")
+        self.check(method, settings, parent_version)
+        if chain:
+            self.check(chain["method"], chain["settings"], chain["parent_version"], reward_model_later=True)
         rows, comparison_ids = self._snapshot_rows(method)
         if method != "ppo" and len(rows) < MIN_PAIRS:
             raise RunRejected(
@@ -169,16 +173,7 @@ class JobRunner:
         run_dir.mkdir(parents=True, exist_ok=True)
         data_path = run_dir / "data.jsonl"
         write_jsonl(data_path, rows)
-        config = {
-            **settings,
-            "data": str(data_path),
-            "out": str(run_dir),
-            "base_model": self.base_model,
-            "model_cache": self.model_cache,
-            "base_version": parent_version,
-        }
-        if parent.get("adapter_path"):
-            config["init_adapter"] = parent["adapter_path"]
+        config = {**settings, **self._run_fields(parent_version), "data": str(data_path), "out": str(run_dir)}
         if method == "ppo":
             config["prompts"] = str(data_path)
         scored = run_dir / "generations.jsonl"  # the new reward model also scores the newest generations (Data tab)
@@ -188,6 +183,21 @@ class JobRunner:
         (run_dir / "trained_on.json").write_text(json.dumps(comparison_ids), encoding="utf-8")
         meta = {"config": config, "chain": chain, "trained_on": len(comparison_ids), "reason": reason}
         self._set(run_id, run_dir=str(run_dir), config=json.dumps(meta))
+
+    def check(self, method: str, settings: dict, parent_version: int, reward_model_later: bool = False) -> None:
+        """RunRejected unless the child would accept these settings (training/settings_check.py)."""
+        try:
+            check_settings(method, settings, self._run_fields(parent_version), reward_model_later)
+        except (ConfigError, ValueError, TypeError) as exc:
+            raise RunRejected(f"{method}: {exc}") from None
+
+    def _run_fields(self, parent_version: int) -> dict:
+        """What every run's config gets besides its settings: the base model, its cache, the parent version."""
+        fields = {"base_model": self.base_model, "model_cache": self.model_cache, "base_version": parent_version}
+        parent = self.store.get_version(parent_version) or {}
+        if parent.get("adapter_path"):
+            fields["init_adapter"] = parent["adapter_path"]
+        return fields
 
     def submit_chain(self, reward_settings: dict, ppo_settings: dict, parent_version: int = 0) -> int:
         """Reward model first, then PPO against it, as one job chain (the PPO run is queued when the first ends)."""
@@ -378,19 +388,3 @@ class JobRunner:
         sets += ["finished_at = now()", "pid = NULL"] if end else []
         with self.store.transaction() as cur:
             cur.execute(f"UPDATE training_runs SET {', '.join(sets)} WHERE id = ?", [*columns.values(), run_id])
-
-
-def validate_settings(method: str, settings: dict) -> None:
-    """Cheap checks before anything launches; the child re-validates every field with its dataclass."""
-    positive = ("learning_rate", "beta", "max_steps", "epochs", "batch_size", "lora_r", "lora_alpha", "max_length")
-    for name in positive:
-        if name in settings and settings[name] is not None:
-            value = settings[name]
-            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-                raise RunRejected(f"{name.replace('_', ' ')} must be a number above 0 (got {value!r})")
-    if settings.get("learning_rate", 0) and settings["learning_rate"] > 0.1:
-        raise RunRejected(f"learning rate {settings['learning_rate']} is far too high for LoRA (try 1e-5 … 1e-3)")
-    if "lora_dropout" in settings and not 0 <= float(settings["lora_dropout"]) < 1:
-        raise RunRejected("lora dropout must be in [0, 1)")
-    if method == "ppo" and settings.get("reward_model") and not Path(settings["reward_model"]).is_dir():
-        raise RunRejected(f"reward model folder {settings['reward_model']} does not exist")
