@@ -196,3 +196,24 @@ def test_a_trl_import_exports_back_to_the_same_dpo_rows(store, tmp_path):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     import_file(store, path)
     assert export_rows(store, "dpo") == rows
+
+
+def test_the_app_deletes_its_exports_after_an_hour(monkeypatch, tmp_path):
+    """Each Data-tab export is a whole copy of the judgements in a temp folder: those older than the hour an export
+    stays downloadable are deleted at the next export, newer ones and other folders are left."""
+    import os
+    import time
+
+    from ui.data_tab import EXPORT_KEEP_S, EXPORT_PREFIX, prune_exports
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # tempfile reads TMPDIR again
+    old, new, other = tmp_path / f"{EXPORT_PREFIX}old", tmp_path / f"{EXPORT_PREFIX}new", tmp_path / "someone-else"
+    for folder in (old, new, other):
+        folder.mkdir()
+        (folder / "prefloop-raw.jsonl").write_text("{}\n")
+    hours_ago = time.time() - 2 * EXPORT_KEEP_S
+    for folder in (old, other):
+        os.utime(folder, (hours_ago, hours_ago))
+    assert prune_exports(EXPORT_KEEP_S) == 1
+    assert not old.exists() and new.exists() and other.exists()

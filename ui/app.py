@@ -12,7 +12,7 @@ import gradio as gr
 from labeling.access import Access
 from labeling.services import Services
 from ui.api import register_api
-from ui.data_tab import build_data_tab
+from ui.data_tab import EXPORT_KEEP_S, build_data_tab
 from ui.label_tab import build_label_tab
 from ui.leaderboard_tab import build_leaderboard_tab
 from ui.train_tab import build_train_tab
@@ -26,7 +26,9 @@ def build_app(
     services: Services, access: Access | None = None, title: str = "prefloop", upload_max_rows: int | None = None
 ) -> gr.Blocks:
     access = access or Access()
-    with gr.Blocks(title=title) as demo:
+    # Files the app hands out (exports) are copied into Gradio's cache, which anyone holding the link may fetch:
+    # copies older than an hour go, checked hourly (and all at shutdown).
+    with gr.Blocks(title=title, delete_cache=(EXPORT_KEEP_S, EXPORT_KEEP_S)) as demo:
         gr.Markdown(f"# {title} — judge answers, train the model, repeat")
         if access.oauth:  # a Space without a users file: people sign in with their Hugging Face account
             gr.LoginButton(elem_id="hf-login")

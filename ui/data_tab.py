@@ -6,7 +6,9 @@ admins (others see their own); import and export are admin actions, checked in t
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -19,6 +21,8 @@ from storage.exporters import export
 from storage.importers import import_file
 
 EXPORT_FORMATS = ["dpo", "reward", "kto", "sft", "raw"]
+EXPORT_PREFIX = "prefloop-export-"  # each export's temp folder
+EXPORT_KEEP_S = 3600  # an export stays downloadable an hour (as Gradio's cached copy: ui/app.py delete_cache)
 IMPORT_FORMATS = ["auto", "txt", "csv", "prompts", "trl", "hh", "ultrafeedback", "arena", "shp"]
 RECENT_COLUMNS = ["id", "created_at", "annotator", "choice", "prompt", "answer_a", "answer_b", "rationale", "edited"]
 PRIVATE_COLUMNS = ("rationale", "edited", "edited_answer")  # another person's words: admins only
@@ -125,7 +129,8 @@ class DataHandlers:
             return None, f"⚠️ {exc}"
         if fmt not in EXPORT_FORMATS or ext not in (".jsonl", ".parquet"):
             return None, "⚠️ Unknown export format."
-        out = Path(tempfile.mkdtemp(prefix="prefloop-export-")) / f"prefloop-{fmt}{ext}"
+        prune_exports(EXPORT_KEEP_S)
+        out = Path(tempfile.mkdtemp(prefix=EXPORT_PREFIX)) / f"prefloop-{fmt}{ext}"
         try:
             rows = export(self.services.store, fmt, out)
         except ValueError as exc:
@@ -133,6 +138,20 @@ class DataHandlers:
         if rows == 0:
             return None, f"Nothing to export as {fmt} yet: it needs judged pairs (A/B votes or edited answers)."
         return str(out), f"✓ {rows} rows in {out.name}."
+
+
+def prune_exports(older_than_s: float) -> int:
+    """Delete the export folders this app left in the temp folder more than `older_than_s` ago (each export is a
+    whole copy of the judgements; Gradio serves its own cached copy, which build_app's delete_cache expires)."""
+    import shutil
+
+    cutoff, removed = time.time() - older_than_s, 0
+    for folder in Path(tempfile.gettempdir()).glob(f"{EXPORT_PREFIX}*"):
+        with contextlib.suppress(OSError):  # another app process may be pruning the same one
+            if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder)
+                removed += 1
+    return removed
 
 
 def _table(counts: dict, key: str) -> pd.DataFrame:
