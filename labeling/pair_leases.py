@@ -138,7 +138,7 @@ class LeaseDesk:
         names = [r for r in requests if not isinstance(r, Vote)]
         with self.store.transaction(lock="pairs") as cur:  # on PostgreSQL: one app process at a time
             now = utc_now()
-            voted, changes = self._vote_batch(cur, votes, now) if votes else ([], {})
+            voted, changes, new_names = self._vote_batch(cur, votes, now) if votes else ([], {}, [])
             known: dict[int, tuple] = {}
             leased = self._lease_batch(cur, names, now, changes, known) if names else []
             if changes:
@@ -149,6 +149,7 @@ class LeaseDesk:
                     "unnest(?::TIMESTAMP[]) AS expires) m WHERE pairs.id = m.id",
                     [ids, *([v[i] for v in values] for i in range(3))],
                 )
+        self._known_annotators.update(new_names)  # committed
         views = self.views([pair_id for pair_id in leased if pair_id is not None], known)
         voted, leased = iter(voted), iter(leased)
         return [next(voted) if isinstance(r, Vote) else views.get(next(leased)) for r in requests]
@@ -220,9 +221,10 @@ class LeaseDesk:
                 taken.add(pair_id)
         return chosen
 
-    def _vote_batch(self, cur, votes: list[Vote], now: datetime) -> tuple[list[int | ValueError], dict]:
+    def _vote_batch(self, cur, votes: list[Vote], now: datetime) -> tuple[list[int | ValueError], dict, list[str]]:
         """Check each vote against its pair and insert the accepted comparisons (one INSERT). Returns the results
-        (comparison id or the error) and the pair changes {id: (status, leased_to, lease_expires)}."""
+        (comparison id or the error), the pair changes {id: (status, leased_to, lease_expires)} and the names
+        added to the annotators table (cached only once the transaction commits: a rollback takes them back)."""
         pairs = {
             row[0]: row[1:]
             for row in cur.execute(
@@ -247,7 +249,7 @@ class LeaseDesk:
                 )  # a skipped own pair ends: it is theirs
                 changes[vote.pair_id] = ("ready", None, None) if back_to_others else ("done", vote.annotator, None)
         if not accepted:
-            return results, changes
+            return results, changes, []
         new_names = list({v.annotator for v in accepted} - self._known_annotators)
         rows = [
             [v.pair_id, *pairs[v.pair_id][3:6], v.annotator, v.choice, v.rationale, v.edited_answer, v.time_spent_s]
@@ -255,8 +257,7 @@ class LeaseDesk:
             for v in accepted
         ]
         new_ids = iter(insert_comparisons(cur, rows, annotators=new_names))  # in the order of `accepted`
-        self._known_annotators.update(new_names)
-        return [r if r is not None else next(new_ids) for r in results], changes
+        return [r if r is not None else next(new_ids) for r in results], changes, new_names
 
     @staticmethod
     def _earlier_votes(cur, pair_ids: list[int]) -> dict[tuple[int, str], tuple]:

@@ -1,9 +1,12 @@
-"""The Combiner shares one transaction among concurrent callers; one caller's bad request must not fail the rest."""
+"""The Combiner shares one transaction among concurrent callers; one caller's bad request must not fail the rest, nor
+leave the lease desk believing what the rolled-back transaction wrote."""
 
 from __future__ import annotations
 
 import threading
 import time
+
+import pytest
 
 from labeling.combiner import Combiner
 from storage.db import Store
@@ -55,4 +58,40 @@ def test_a_request_the_store_refuses_fails_its_caller_only(tmp_path):
     assert isinstance(results[bad], Exception)
     with store.read() as cur:
         assert sorted(row[0] for row in cur.execute("SELECT text FROM notes").fetchall()) == ["a", "b", "first"]
+    store.close()
+
+
+def test_a_batch_the_store_refused_forgets_the_names_it_would_have_added(tmp_path):
+    """The lease desk caches who is in the annotators table; a batch whose transaction rolled back must not leave
+    its new names in that cache, or the same vote, run again alone, is stored without its annotator row."""
+    from datetime import timedelta
+
+    from labeling.pair_leases import LeaseDesk, Vote
+
+    store = Store(tmp_path / "desk.duckdb")
+    prompt = store.add_prompt([{"role": "user", "content": "Name a colour."}], "test")
+    pairs = []
+    for _ in range(2):
+        a, b = (
+            store.add_generation(prompt, "Blue.", model_name="m"),
+            store.add_generation(prompt, "Red.", model_name="m"),
+        )
+        with store.transaction() as cur:
+            pairs.append(
+                cur.execute(
+                    "INSERT INTO pairs (id, prompt_id, strategy, generation_a, generation_b) "
+                    "VALUES (nextval('pairs_id_seq'), ?, 'self', ?, ?) RETURNING id",
+                    [prompt, a, b],
+                ).fetchone()[0]
+            )
+    desk = LeaseDesk(store, timedelta(minutes=10))
+    good = Vote(desk.lease_pair("erin")["pair_id"], "erin", "A", None, None, 2.0)
+    with pytest.raises(Exception):  # noqa: B017  (DuckDB's own error type: the store refuses the batch whole)
+        # as the Combiner runs a batch: erin's vote is inserted first, then a lease for a name the store cannot
+        # hold (past the edge's checks, as a bug might let one) fails the rest of the transaction
+        desk._run_requests([good, "finn \ud800"])
+    assert isinstance(desk._run_requests([good])[0], int)  # run again alone, as the Combiner does
+    with store.read() as cur:
+        assert cur.execute("SELECT annotator FROM comparisons").fetchall() == [("erin",)]
+        assert ("erin",) in cur.execute("SELECT name FROM annotators").fetchall()
     store.close()
