@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,8 @@ def _plain(record: dict, *keys: str) -> dict:
         value = record.get(key)
         if value is not None:
             plain[key] = value if isinstance(value, str | int | float | bool) else str(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                plain[key] = str(value)  # "nan", "inf": JSON has no NaN, and PostgreSQL refuses the row without it
     return plain
 
 

@@ -142,6 +142,11 @@ def test_ultrafeedback_binarized_keeps_scores(store, tmp_path):
     assert (row["prompt"], row["a"], row["b"]) == ([user("Why is the sea salty?")], "Rivers carry dissolved minerals.",
                                                    "Fish cry.")  # fmt: skip
     assert row["params_a"]["score"] == 9.0 and row["annotator"] == "import:ultrafeedback"
+    rows[0] |= {"prompt_id": "x2", "score_chosen": float("nan"), "score_rejected": float("inf"), "prompt": "Why?"}
+    rows[0]["chosen"][0] = rows[0]["rejected"][0] = user("Why?")
+    write_jsonl(tmp_path / "uf.jsonl", rows)  # as json.dumps writes them: NaN, Infinity
+    assert import_file(store, tmp_path / "uf.jsonl")["comparisons"] == 1  # PostgreSQL's json refused NaN: no import
+    assert judgements(store)[1]["params_a"]["score"] == "nan"
 
 
 def arena_row(winner: str, judge: str, answer_a: str = "A says", answer_b: str = "B says") -> dict:
