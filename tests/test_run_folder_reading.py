@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from training.run_folder import log_tail, read_progress
+from training.run_folder import end_event, log_tail, read_progress
 
 
 def test_progress_is_read_as_it_grows_and_again_when_replaced(tmp_path):
@@ -57,3 +57,11 @@ def test_a_long_run_is_plotted_from_a_few_hundred_steps_every_eval_and_the_last_
     assert (frame["value"] == 2 / 5_000).any()  # eval points are all kept
     short = _series(events[:50], ("loss",))
     assert len(short) == 49  # a short run is plotted whole
+
+
+def test_an_end_line_holding_a_unicode_line_separator_is_read_whole(tmp_path):
+    """JSON keeps U+2028 / U+2029 / U+0085 raw inside strings (ensure_ascii=False), and a generated sample in the end
+    line's metrics may hold one: splitlines() cut the line there, so a run that succeeded was recorded as failed."""
+    end = {"event": "end", "status": "succeeded", "metrics": {"sample": "one\u2028two\u2029three\x85four"}}
+    (tmp_path / "progress.jsonl").write_text(json.dumps(end, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert end_event(str(tmp_path)) == end

@@ -156,3 +156,26 @@ def test_dpo_on_the_bundled_model_end_to_end(store, tmp_path, bundled_model_dir)
     assert before == again  # same seed, same version → same text
     assert after != before  # the new version answers differently
     assert os.path.isdir(status.run_dir)
+
+
+def test_a_run_cancelled_as_it_starts_is_cancelled_not_failed(store, tmp_path, tiny_model_dir):
+    """SIGTERM before the child has set up its handler (its first fraction of a second) kills it without an end
+    line: the run read "failed: exited with code -15"."""
+    runner = runner_for(store, tmp_path, tiny_model_dir)
+    seed_preferences(store, 8)
+    run_id = runner.submit("dpo", QUICK)  # the child starts within submit
+    assert runner.cancel(run_id) == "stopping at the next step"
+    ended = runner.wait(run_id, timeout=120)
+    assert ended.status == "cancelled" and not store.list_versions()[1:]
+    runner.stop()
+
+
+def test_a_run_is_registered_once_however_often_it_is_recorded(store, tmp_path):
+    """Recording a run's end again (the first recording could not mark the run ended) registered a second version."""
+    from training.registry import register_version
+
+    row = {"id": 7, "run_dir": str(tmp_path), "config": "{}", "method": "dpo", "parent_version": 0}
+    first = register_version(store, "bundled", row, {"loss": 0.5})
+    assert register_version(store, "bundled", row, {"loss": 0.5}) == first
+    with store.read() as cur:
+        assert cur.execute("SELECT count(*) FROM model_versions WHERE run_id = 7").fetchone()[0] == 1

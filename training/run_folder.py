@@ -44,7 +44,8 @@ def read_progress(run_dir: str | Path) -> list[dict]:
 
 def _parse_lines(data: bytes) -> list[dict]:
     events = []
-    for line in data.decode("utf-8", errors="replace").splitlines():
+    for line in data.decode("utf-8", errors="replace").split("\n"):  # not splitlines(): it also splits at U+2028,
+        # U+2029 and U+0085, which JSON keeps raw inside strings (e.g. a generated sample in the end line's metrics)
         try:
             events.append(json.loads(line))
         except json.JSONDecodeError:

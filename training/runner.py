@@ -26,9 +26,11 @@ from training.children import Children
 from training.configparse import ConfigError
 from training.datamix import EXPORT_FORMATS, ROW_KINDS, resolve_method
 from training.files import write_jsonl
+from training.registry import register_version
 from training.run_folder import end_event, log_tail, read_json, read_progress
 from training.settings_check import check_settings
 
+LOG_HEADER = "--- last lines of the log ---"
 METHODS = ("dpo", "reward", "ppo", "kto", "sft", "sft_dpo", "auto")  # auto: training/datamix.py picks one
 CANCEL_KEY = "cancel_run:"  # app_settings key + run id: cancel a run another app process watches
 MIN_PAIRS = 4  # below this a preference run learns nothing but noise
@@ -79,6 +81,8 @@ class JobRunner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._owner = False  # this process runs the queue (always on DuckDB; one app process of several on PostgreSQL)
+        self._cancelled: set[int] = set()  # runs sent SIGTERM on a Cancel: one that dies before its handler is set
+        # up (in its first second) writes no end line, and is still recorded as cancelled, not failed
         self._take_queue()
 
     # ---- lifecycle -------------------------------------------------------------------------------------
@@ -120,12 +124,19 @@ class JobRunner:
             if not self._children.adopt(row["id"], row["pid"], row["run_dir"]):
                 self._end(row["id"])
 
-    def _end(self, run_id: int, returncode: int | None = None) -> None:
-        """Record how a run ended (its end line); a failure while recording still ends it, as failed."""
+    def _end(self, run_id: int, returncode: int | None = None, watched: bool = False) -> None:
+        """Record how a run ended (its end line); a failure while recording still ends it, as failed. `watched`: the
+        child ended while this runner watched it (its exit code is None when it was adopted after a restart)."""
         row = self._rows("id = ?", [run_id])[0]
         end = end_event(row["run_dir"])
         try:
-            if end is None and returncode is None:  # not our child: no exit code, no end line
+            if end is None and run_id in self._cancelled:  # killed by the Cancel before its handler was set up
+                self._set(run_id, status="cancelled", error="cancelled as it started", end=True)
+            elif end is None and returncode is None and watched:  # adopted after a restart: no exit code
+                error = "the training process ended without reporting how (adopted after an app restart)"
+                error += f"\n{LOG_HEADER}\n{log_tail(row['run_dir'])}"
+                self._set(run_id, status="failed", error=error, end=True)
+            elif end is None and returncode is None:  # not our child: no exit code, no end line
                 self._set(run_id, status="failed", error="the app stopped while this run was running", end=True)
             else:
                 self._finish(row, end, returncode)
@@ -219,9 +230,10 @@ class JobRunner:
             if not self._take_queue():
                 return  # another app process runs the queue: it starts what we queued
             for run_id in self._cancel_requests():
+                self._cancelled.add(run_id)
                 self._children.terminate(run_id)
             for run_id, returncode in self._children.ended():
-                self._end(run_id, returncode)
+                self._end(run_id, returncode, watched=True)
             for row in self._rows("status = 'running'"):  # e.g. recording its end failed before: try again
                 if row["id"] not in self._children and not self._children.adopt(row["id"], row["pid"], row["run_dir"]):
                     self._end(row["id"])
@@ -257,8 +269,8 @@ class JobRunner:
         error = None
         if status == "failed":
             reason = (end or {}).get("error") or f"the training process exited with code {returncode}"
-            error = f"{reason}\n--- last lines of the log ---\n{log_tail(row['run_dir'])}"
-        version = self._register(row, metrics) if status == "succeeded" else None
+            error = f"{reason}\n{LOG_HEADER}\n{log_tail(row['run_dir'])}"
+        version = register_version(self.store, self.base_model, row, metrics) if status == "succeeded" else None
         if version is not None and row["method"] == "reward" and (Path(row["run_dir"]) / "scores.jsonl").is_file():
             save_scores(self.store, version, load_score_file(Path(row["run_dir"]) / "scores.jsonl"))
         self._set(row["id"], status=status, metrics=json.dumps(metrics), error=error, result_version=version, end=True)
@@ -271,33 +283,6 @@ class JobRunner:
                 self.submit(chain["method"], settings, parent_version=chain["parent_version"])
             except RunRejected as exc:
                 self._set(row["id"], error=f"the chained PPO run could not start: {exc}")
-
-    def _register(self, row: dict, metrics: dict) -> int:
-        run_dir = Path(row["run_dir"])
-        meta = json.loads(row["config"] or "{}")
-        trained_on = read_json(run_dir / "trained_on.json") or []
-        if row["method"] == "reward":
-            return self.store.add_version(
-                kind="reward",
-                base_model=self.base_model,
-                adapter_path=str(run_dir / "reward_model"),
-                parent_id=row["parent_version"],
-                run_id=row["id"],
-                metrics=metrics,
-                trained_on=trained_on,
-                notes=f"reward model from run {row['id']}",
-            )
-        return self.store.add_version(
-            kind="policy",
-            base_model=self.base_model,
-            adapter_path=str(run_dir / "adapter"),
-            parent_id=row["parent_version"],
-            run_id=row["id"],
-            metrics=metrics,
-            trained_on=trained_on,
-            reward_model_id=meta.get("config", {}).get("reward_model_version"),
-            notes=f"{row['method']} run {row['id']}",
-        )
 
     # ---- control and views -----------------------------------------------------------------------------
     def cancel(self, run_id: int) -> str:
@@ -315,6 +300,7 @@ class JobRunner:
             if not self._owner:  # another app process watches the child: it stops it at its next tick
                 self.store.set_setting(f"{CANCEL_KEY}{run_id}", "requested")
                 return "stopping at the next step"
+            self._cancelled.add(run_id)
             self._children.terminate(run_id)  # adopted children only while their pid and start time still match
             return "stopping at the next step"
 

@@ -177,7 +177,10 @@ class TrainHandlers:
         hidden = ("", None, None, None, None, "", gr.update(visible=False), gr.update(visible=False))
         if run_id is None or not self.access.caller(request).may("train"):
             return hidden
-        status = self.services.runner.status(int(run_id))
+        try:
+            status = self.services.runner.status(int(run_id))
+        except (TypeError, ValueError):  # the picker takes typed text: "abc" is no run
+            return hidden
         if status is None:
             return hidden
         ended = status.status in ENDED

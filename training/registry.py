@@ -1,0 +1,42 @@
+"""A finished run's model version: a policy adapter or a reward model, registered once per run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training.run_folder import read_json
+
+
+def register_version(store, base_model: str, row: dict, metrics: dict) -> int:
+    """The run's version, registered once: recording a run again (its end could not be written the first time)
+    finds the version it registered then."""
+    with store.read() as cur:
+        known = cur.execute("SELECT min(id) FROM model_versions WHERE run_id = ?", [row["id"]]).fetchone()[0]
+    if known is not None:
+        return int(known)
+    run_dir = Path(row["run_dir"])
+    meta = json.loads(row["config"] or "{}")
+    trained_on = read_json(run_dir / "trained_on.json") or []
+    if row["method"] == "reward":
+        return store.add_version(
+            kind="reward",
+            base_model=base_model,
+            adapter_path=str(run_dir / "reward_model"),
+            parent_id=row["parent_version"],
+            run_id=row["id"],
+            metrics=metrics,
+            trained_on=trained_on,
+            notes=f"reward model from run {row['id']}",
+        )
+    return store.add_version(
+        kind="policy",
+        base_model=base_model,
+        adapter_path=str(run_dir / "adapter"),
+        parent_id=row["parent_version"],
+        run_id=row["id"],
+        metrics=metrics,
+        trained_on=trained_on,
+        reward_model_id=meta.get("config", {}).get("reward_model_version"),
+        notes=f"{row['method']} run {row['id']}",
+    )
