@@ -281,7 +281,7 @@ class JobRunner:
             settings["reward_model_version"] = version
             try:
                 self.submit(chain["method"], settings, parent_version=chain["parent_version"])
-            except RunRejected as exc:
+            except Exception as exc:  # the reward run itself succeeded and is recorded so: say why PPO did not start
                 self._set(row["id"], error=f"the chained PPO run could not start: {exc}")
 
     # ---- control and views -----------------------------------------------------------------------------
