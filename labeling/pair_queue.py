@@ -42,7 +42,6 @@ class _InFlight:
     strategy: str
     prompt_id: int
     futures: list  # two concurrent.futures.Future[Generation]
-    version: int  # the version serving when it was submitted ('self' pairs of an old version are retired)
     background: bool  # submitted by the refill thread (which stores it) or by generate_pairs (which does)
 
 
@@ -207,7 +206,7 @@ class PairQueue:
             except ValueError as exc:
                 self.unusable[prompt_id] = self.last_error = f"prompt {prompt_id} is unusable: {exc}"
                 continue
-            item = _InFlight(strategy, prompt_id, futures, self.engine.active_version, background)
+            item = _InFlight(strategy, prompt_id, futures, background)
             for future in futures:
                 future.add_done_callback(lambda _f: self._wake.set())
             items.append(item)
@@ -230,9 +229,12 @@ class PairQueue:
         if errors:
             self.last_error = f"generation failed: {errors[0]}"
             return None
-        stale = item.strategy in ("self", "endpoint") and item.version != self.engine.active_version
         gens = [f.result() for f in item.futures]
-        with self.store.transaction() as cur:
+        with self.store.transaction() as cur:  # the write lock: a version switch's retiring UPDATE waits for it
+            # by the versions the answers came from, under the rule on_version_change applies: a switch while they
+            # were generating (or between the plan and the submit) must not leave an old pair ready
+            active, versions = self.engine.active_version, [g.version for g in gens]
+            stale = versions[0] != active if item.strategy == "self" else active not in versions
             ids = [self._add_generation(cur, item.prompt_id, g) for g in gens]
             return self._insert_pair(cur, item.prompt_id, item.strategy, ids, "retired" if stale else "ready")
 
@@ -296,21 +298,26 @@ class PairQueue:
         if plan is None:
             return None
         candidate, opponents = plan
-        self.engine.load_version(candidate["id"], candidate["adapter_path"])  # the serving one is loaded already
+        try:
+            self.engine.load_version(candidate["id"], candidate["adapter_path"])  # the serving one is loaded already
+        except Exception as exc:  # a broken adapter folder: no candidate pairs, but 'self' pairs go on
+            self.last_error = f"candidate version {candidate['id']} cannot be loaded: {exc}"
+            return None
         return candidate["id"], opponents
 
     def on_version_change(self, version_id: int) -> None:
-        """The engine now serves `version_id`. Ready 'self' pairs of other versions are retired (leased ones stay
-        with their annotator) and so are ready 'versions' pairs without the new version; the refill thread then
-        generates new 'self' pairs from it and, when 'versions' is on, candidate pairs (labeling/arena.py)."""
+        """The engine now serves `version_id`. Available 'self' pairs of other versions are retired (ready, or their
+        lease expired; a running lease stays with its annotator), and so are available 'versions' / 'endpoint'
+        pairs without the new version; the refill thread then generates new 'self' pairs from it and, when
+        'versions' is on, candidate pairs (labeling/arena.py)."""
         with self.store.transaction(lock="pairs") as cur:
             cur.execute(
-                """UPDATE pairs SET status = 'retired' WHERE status = 'ready' AND (
+                f"""UPDATE pairs SET status = 'retired' WHERE {AVAILABLE} AND (
                      (strategy = 'self' AND generation_a IN (SELECT id FROM generations
                                                               WHERE model_version_id IS DISTINCT FROM ?))
                   OR (strategy IN ('versions', 'endpoint') AND NOT EXISTS (SELECT 1 FROM generations g
                       WHERE g.model_version_id = ? AND g.id IN (generation_a, generation_b))))""",
-                [version_id, version_id],
+                [self._now(), version_id, version_id],
             )
         self.wake()
 

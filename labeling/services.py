@@ -135,6 +135,8 @@ class Services:
         """Both sides answer a typed prompt live; once done, the pair is stored and leased to this person.
         One stream per person at a time; use it as a context manager so leaving early cancels the engine rows."""
         annotator = self.annotator_name(annotator)
+        if self.engine.fit(messages, self.queue.params.max_new_tokens) != messages:  # the pair queue would cut it
+            raise UserError("That prompt is too long for the model's context with room for the answers: shorten it.")
         with self._streaming_lock:
             if annotator in self._streaming:
                 raise UserError("Your own prompt is still being answered: wait for it (one at a time).")

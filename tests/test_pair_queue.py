@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 
 import pytest
 
@@ -245,17 +246,29 @@ def test_versions_strategy_pairs_new_adapter_with_its_parent(store, engine, tiny
     assert all(json.loads(pa)["seed"] == json.loads(pb)["seed"] for _, _, pa, pb in pairs)  # same seed both sides
     assert engine.has_version(version)
 
+    broken = tmp_path / "v2"  # a newer candidate whose adapter folder lost its files
+    broken.mkdir()
+    store.add_version(base_model=str(tiny_model_dir), adapter_path=str(broken), parent_id=0)
+    queue._in_flight.clear()
+    queue._top_up()  # raised, every round: no pair of any strategy was made again
+    assert queue._in_flight and all(item.strategy == "self" for item in queue._in_flight)
+    assert "cannot be loaded" in queue.last_error
+
 
 def test_a_new_version_retires_old_self_pairs(store, engine, tiny_model_dir, tmp_path):
     queue = PairQueue(store, engine, params=QUICK)
-    queue.generate_pairs(2)
+    queue.generate_pairs(3)
     leased = queue.next_pair("alice")
+    expired = queue.next_pair("carol")["pair_id"]
+    with store.transaction() as cur:  # carol left: her lease ran out, so the pair is anyone's again
+        cur.execute("UPDATE pairs SET lease_expires = ? WHERE id = ?", [datetime(2000, 1, 1), expired])
     adapter = make_adapter(tiny_model_dir, tmp_path / "v1")
     version = store.add_version(base_model=str(tiny_model_dir), adapter_path=str(adapter), parent_id=0)
     engine.load_version(version, adapter)
     engine.set_active(version)
     queue.on_version_change(version)
-    assert rows(store, "SELECT status, count(*) FROM pairs GROUP BY 1 ORDER BY 1") == [("leased", 1), ("retired", 1)]
+    assert rows(store, "SELECT status, count(*) FROM pairs GROUP BY 1 ORDER BY 1") == [("leased", 1), ("retired", 2)]
+    assert rows(store, "SELECT status FROM pairs WHERE id = ?", [expired]) == [("retired",)]  # an expired lease too
     queue.generate_pairs(1)
     assert queue.next_pair("bob")["version_a"] == version
     assert queue.next_pair("alice") == leased  # a pair already on someone's screen stays theirs
@@ -273,6 +286,19 @@ def test_own_pair_is_stored_and_leased_to_its_author(store, engine):
     assert rows(store, "SELECT source FROM prompts WHERE text = 'My very own question'") == [("own",)]
     assert queue.next_pair("bob") is None  # not in the shared queue
     assert queue.record_vote(pair["pair_id"], "alice", "A") > 0
+
+
+def test_an_own_prompt_too_long_for_the_context_is_refused_before_it_is_answered(store, engine):
+    """The pair queue cuts a long prompt to fit; a typed one was sent whole, and the engine's error reached the page
+    as a raw exception."""
+    from labeling.services import Services, UserError
+
+    services = Services(store, engine, PairQueue(store, engine, params=QUICK), None)
+    words = " ".join(f"word{i}" for i in range(engine.context))  # more tokens than the context holds
+    with pytest.raises(UserError, match="too long for the model's context"):
+        services.stream_own("alice", [{"role": "user", "content": words}])
+    with services.stream_own("alice", [{"role": "user", "content": "Short."}]):  # the refusal kept no lock
+        pass
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
