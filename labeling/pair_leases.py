@@ -233,16 +233,25 @@ class LeaseDesk:
             ).fetchall()
         }
         changes, accepted, results = {}, [], []
-        earlier = self._earlier_votes(cur, [v.pair_id for v in votes if (pairs.get(v.pair_id) or ("",))[0] == "done"])
+        # A vote on a pair not leased to its voter may be a repeat (a retry, a skip retried after the pair went back
+        # to others, a second click that reached another batch or app process): it gets the first one's id.
+        not_theirs = [v.pair_id for v in votes if (pairs.get(v.pair_id) or ("", ""))[:2] != ("leased", v.annotator)]
+        earlier = self._earlier_votes(cur, not_theirs)
+        first: dict[tuple, int] = {}  # a vote accepted in this batch → its place in `results`
         for vote in votes:
+            key = (vote.pair_id, vote.annotator, vote.choice, *_texts(vote))
+            if key in first:  # the same vote twice in one batch (a double click): the same id
+                results.append(_Same(first[key]))
+                continue
             state = changes.get(vote.pair_id, pairs.get(vote.pair_id))
             same = earlier.get((vote.pair_id, vote.annotator))
             if vote.pair_id not in changes and same and same[1:] == (vote.choice, *_texts(vote)):
-                results.append(same[0])  # a repeat (a retry that reached another app process): the same id
+                results.append(same[0])
                 continue
             problem = self._vote_problem(vote, state, now)
             results.append(problem)
             if problem is None:
+                first[key] = len(results) - 1
                 accepted.append(vote)
                 back_to_others = (
                     vote.choice == "skip" and pairs[vote.pair_id][6] != "own"
@@ -257,7 +266,8 @@ class LeaseDesk:
             for v in accepted
         ]
         new_ids = iter(insert_comparisons(cur, rows, annotators=new_names))  # in the order of `accepted`
-        return [r if r is not None else next(new_ids) for r in results], changes, new_names
+        results = [r if r is not None else next(new_ids) for r in results]
+        return [results[r.place] if isinstance(r, _Same) else r for r in results], changes, new_names
 
     @staticmethod
     def _earlier_votes(cur, pair_ids: list[int]) -> dict[tuple[int, str], tuple]:
@@ -333,6 +343,11 @@ class LeaseDesk:
                     (pair_id, prompts[prompt_id], text_a, text_b, version_a, version_b, strategy, cut_a, cut_b)
                 )
         return views
+
+
+@dataclass(frozen=True)
+class _Same:
+    place: int  # the result of the vote at this place in the batch
 
 
 def _available(status: str, expires: datetime | None, now: datetime) -> bool:

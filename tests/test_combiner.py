@@ -61,30 +61,32 @@ def test_a_request_the_store_refuses_fails_its_caller_only(tmp_path):
     store.close()
 
 
+def desk_with_pairs(path, count: int):
+    """A store at `path` with `count` ready pairs of one prompt, and a lease desk on it."""
+    from datetime import timedelta
+
+    from labeling.pair_leases import LeaseDesk
+
+    store = Store(path)
+    prompt = store.add_prompt([{"role": "user", "content": "Name a colour."}], "test")
+    for _ in range(count):
+        a = store.add_generation(prompt, "Blue.", model_name="m")
+        b = store.add_generation(prompt, "Red.", model_name="m")
+        with store.transaction() as cur:
+            cur.execute(
+                "INSERT INTO pairs (id, prompt_id, strategy, generation_a, generation_b) "
+                "VALUES (nextval('pairs_id_seq'), ?, 'self', ?, ?)",
+                [prompt, a, b],
+            )
+    return store, LeaseDesk(store, timedelta(minutes=10))
+
+
 def test_a_batch_the_store_refused_forgets_the_names_it_would_have_added(tmp_path):
     """The lease desk caches who is in the annotators table; a batch whose transaction rolled back must not leave
     its new names in that cache, or the same vote, run again alone, is stored without its annotator row."""
-    from datetime import timedelta
+    from labeling.pair_leases import Vote
 
-    from labeling.pair_leases import LeaseDesk, Vote
-
-    store = Store(tmp_path / "desk.duckdb")
-    prompt = store.add_prompt([{"role": "user", "content": "Name a colour."}], "test")
-    pairs = []
-    for _ in range(2):
-        a, b = (
-            store.add_generation(prompt, "Blue.", model_name="m"),
-            store.add_generation(prompt, "Red.", model_name="m"),
-        )
-        with store.transaction() as cur:
-            pairs.append(
-                cur.execute(
-                    "INSERT INTO pairs (id, prompt_id, strategy, generation_a, generation_b) "
-                    "VALUES (nextval('pairs_id_seq'), ?, 'self', ?, ?) RETURNING id",
-                    [prompt, a, b],
-                ).fetchone()[0]
-            )
-    desk = LeaseDesk(store, timedelta(minutes=10))
+    store, desk = desk_with_pairs(tmp_path / "desk.duckdb", 2)
     good = Vote(desk.lease_pair("erin")["pair_id"], "erin", "A", None, None, 2.0)
     with pytest.raises(Exception):  # noqa: B017  (DuckDB's own error type: the store refuses the batch whole)
         # as the Combiner runs a batch: erin's vote is inserted first, then a lease for a name the store cannot
@@ -94,4 +96,22 @@ def test_a_batch_the_store_refused_forgets_the_names_it_would_have_added(tmp_pat
     with store.read() as cur:
         assert cur.execute("SELECT annotator FROM comparisons").fetchall() == [("erin",)]
         assert ("erin",) in cur.execute("SELECT name FROM annotators").fetchall()
+    store.close()
+
+
+def test_a_vote_repeated_in_one_batch_or_a_retried_skip_gets_the_first_ones_id(tmp_path):
+    """A double click whose two votes share a batch answered the second with "already judged" (a retry in a later
+    batch got the first id), and a retried skip was refused: the pair had gone back to the others."""
+    from labeling.pair_leases import Vote
+
+    store, desk = desk_with_pairs(tmp_path / "desk.duckdb", 2)
+    vote = Vote(desk.lease_pair("erin")["pair_id"], "erin", "A", "clearer", None, 2.0)
+    first, second = desk._run_requests([vote, vote])  # as the Combiner runs two callers' requests together
+    assert isinstance(first, int) and second == first
+    assert desk.vote(vote.pair_id, "erin", "A", "clearer") == first  # and in a later batch, as before
+    skipped = desk.lease_pair("erin")["pair_id"]
+    skip = desk.vote(skipped, "erin", "skip")
+    assert desk.vote(skipped, "erin", "skip") == skip
+    with store.read() as cur:
+        assert cur.execute("SELECT count(*) FROM comparisons").fetchone()[0] == 2
     store.close()
