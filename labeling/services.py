@@ -159,7 +159,8 @@ class Services:
         with self._activate_lock:
             serving = self.engine.active_version
             if version_id == serving:
-                self._serve(version_id)  # e.g. its adapter folder was replaced: load it again, no promotion
+                self._serve(version_id)  # checks its folder and refreshes the queue; no promotion (an adapter
+                # already loaded is not read again: one replaced on disk serves from the next start)
                 return f"Version {version_id} is already serving."
             kind = "rollback" if version_status(self.store, version_id) == "retired" else "override"
             record = head_to_head(self.store, model_name(version_id), model_name(serving), self.gate.confidence)
