@@ -22,6 +22,7 @@ STARTED = time.monotonic()
 ON_SPACES = bool(os.environ.get("SPACE_ID"))
 SPACE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the bundled model's original: a Space gets it from the hub
 DEFAULT_STRATEGIES = ("self", "versions")  # versions pairs appear once a trained version is served
+MIN_PROMPT_TOKENS = 16  # the shortest prompt room the answers' length may leave in the model's context
 SEED_PROMPTS = Path(__file__).resolve().parent / "labeling" / "seed_prompts.txt"
 
 
@@ -136,6 +137,14 @@ def create_services(args: argparse.Namespace, shutdown=None):
     store.set_base_model(args.model)
     seed_prompts(store)
     engine = deploy.create_engine(args)
+    room = engine.context - args.max_new_tokens  # else every prompt is set aside as unusable and no pair comes
+    if room < MIN_PROMPT_TOKENS:
+        engine.close()
+        store.close()
+        sys.exit(
+            f"error: --max-new-tokens {args.max_new_tokens} leaves {max(room, 0)} of the model's {engine.context} "
+            f"context tokens for a prompt (at least {MIN_PROMPT_TOKENS}): lower it"
+        )
     queue = PairQueue(
         store, engine, target=args.queue_size, lease_minutes=args.lease_minutes,
         strategies=tuple(args.strategy or DEFAULT_STRATEGIES),

@@ -72,6 +72,15 @@ def test_a_saved_version_of_another_base_falls_back_to_the_base(tmp_path, tiny_m
         shutdown.run()
 
 
+def test_answers_as_long_as_the_context_are_refused_at_start(tmp_path, tiny_model_dir):
+    """--max-new-tokens at or over the model's context set every prompt aside as unusable: the app ran, silent."""
+    args = prefloop_app.parse_args(["--db", str(tmp_path / "app.duckdb"), "--model", str(tiny_model_dir),
+                                    "--runs-dir", str(tmp_path / "runs"), "--max-new-tokens", "600"])  # fmt: skip
+    with pytest.raises(SystemExit, match="--max-new-tokens 600 leaves 0 of the model's 512 context tokens"):
+        prefloop_app.create_services(args, Shutdown())
+    Store(tmp_path / "app.duckdb").close()  # the store was closed: it opens again
+
+
 # ---- kill -9 during a vote storm -----------------------------------------------------------------------------
 def store_ready_pairs(db: Path, count: int) -> None:
     """`count` ready pairs (prompt, two answers of version 0, the pair row), as the refill would have left them."""
