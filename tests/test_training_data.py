@@ -116,3 +116,23 @@ def test_split_is_seeded_and_shared_by_every_method():
     assert split_rows(rows, 0.25, seed=1) == split_rows(rows, 0.25, seed=1)
     assert split_rows(rows, 0.25, seed=1) != split_rows(rows, 0.25, seed=2)
     assert dpo.split_rows is reward.split_rows is split_rows
+
+
+def test_rows_of_one_prompt_are_held_out_together():
+    """An edited vote exports the edit over each original (same prompt, same chosen answer): split row by row, one
+    could train while its twin was held out, and the held-out accuracy came out too good."""
+    rows = [{"prompt": f"p{i // 3}", "chosen": f"c{i // 3}", "rejected": f"r{i}"} for i in range(30)]  # 3 per prompt
+    for seed in range(5):
+        train, evaluation = split_rows(rows, 0.25, seed=seed)
+        assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in evaluation)
+        assert len(evaluation) >= eval_count(30, 0.25) and len(train) + len(evaluation) == 30
+    assert split_rows([{"prompt": "one"}] * 8, 0.25, seed=1) == ([{"prompt": "one"}] * 8, [])  # nothing left to train
+
+
+def test_planned_steps_round_up_as_the_trainer_does():
+    """5 batches with 2 accumulation steps are 3 optimizer steps an epoch (the Trainer rounds up): counting 2 left the
+    learning-rate cap (full_rate_steps) applied too late."""
+    from training.dpo import PrefDPOConfig, planned_steps
+
+    cfg = PrefDPOConfig(data="x.jsonl", out="o", batch_size=4, gradient_accumulation_steps=2, epochs=2)
+    assert planned_steps(cfg, 20) == 6

@@ -62,9 +62,21 @@ def eval_count(n_rows: int, eval_fraction: float) -> int:
 
 
 def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, eval): `eval_count` rows held out, picked by a shuffle seeded with `seed`; both keep the input order."""
+    """(train, eval): `eval_count` rows held out, whole prompts at a time, picked by a shuffle seeded with `seed`;
+    both keep the input order. Rows of one prompt share answers (an edit is chosen over each original; several
+    votes on one prompt): one of them in training and another held out made the held-out figures too good. A prompt
+    whose rows would leave nothing to train on stays in training; rows without a prompt are their own group."""
     n_eval = eval_count(len(rows), eval_fraction)
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        key = json.dumps(row["prompt"], sort_keys=True) if isinstance(row, dict) and "prompt" in row else f"#{i}"
+        groups.setdefault(key, []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)  # one row per prompt: the same pick as shuffling the rows themselves
+    held: set[int] = set()
+    for members in order:
+        if len(held) >= n_eval:
+            break
+        if len(held) + len(members) < len(rows):
+            held.update(members)
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]

@@ -90,7 +90,7 @@ def planned_steps(cfg: PrefDPOConfig, rows: int) -> int:
         return cfg.max_steps
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     batches = math.ceil(rows / (cfg.batch_size * processes))
-    return max(1, math.ceil(max(1, batches // cfg.gradient_accumulation_steps) * cfg.epochs))
+    return max(1, math.ceil(math.ceil(batches / cfg.gradient_accumulation_steps) * cfg.epochs))  # Trainer rounds up
 
 
 def scaled_learning_rate(cfg: PrefDPOConfig, rows: int) -> float:

@@ -52,12 +52,13 @@ def chosen_rows(pairs: list[dict]) -> list[dict]:
 
 
 def train(cfg: PrefSFTDPOConfig, writer: ProgressWriter, cancel: threading.Event) -> dict:
-    from training.data import load_rows
+    from training.data import load_rows, split_rows
 
     pairs = load_rows(cfg.data)
     check_pairs(pairs, cfg.data)
     out = Path(cfg.out)
-    sft_rows = chosen_rows(pairs)
+    trained, _ = split_rows(pairs, cfg.eval_fraction, cfg.seed)  # the DPO stage holds out the same pairs (same seed)
+    sft_rows = chosen_rows(trained)  # so stage 1 never sees a held-out pair's chosen answer
     write_jsonl(out / "sft_data.jsonl", sft_rows)
     common = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PrefSFTConfig) if f.name != "method_name"}
     sft_cfg = PrefSFTConfig(
