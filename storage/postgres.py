@@ -17,10 +17,12 @@ import functools
 import re
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 PREFIXES = ("postgresql://", "postgres://")
 POOL_SIZE = 16  # idle connections kept; more are opened while needed (a burst of request threads)
+IDLE_CHECK_SECONDS = 5.0  # a pooled connection idle longer is checked before use (one round trip)
 LOCKS = {"migrations": 7101, "pairs": 7102, "runner": 7103}  # advisory lock keys (any fixed bigint)
 
 
@@ -61,17 +63,34 @@ class PgConnections:
     def _connect(self):
         from psycopg.types.string import TextLoader
 
-        conn = self._psycopg.connect(self.dsn, autocommit=True, options="-c TimeZone=UTC", application_name="prefloop")
+        conn = self._psycopg.connect(  # ISO dates whatever the DateStyle: DuckDB reads them, tallies sort them
+            self.dsn, autocommit=True, options="-c TimeZone=UTC -c DateStyle=ISO", application_name="prefloop"
+        )
         for json_type in ("json", "jsonb"):  # JSON columns as text, as DuckDB gives them
             conn.adapters.register_loader(json_type, TextLoader)
         return conn
 
     def take(self):
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the store is closed")
-            conn = self._idle.pop() if self._idle else None
-        return conn if conn is not None else self._connect()
+        """An idle connection (one idle for IDLE_CHECK_SECONDS is checked first: after a server restart every pooled
+        connection is dead, and psycopg notices only on use, which failed a vote per dead one), else a new one."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the store is closed")
+                conn, since = self._idle.pop() if self._idle else (None, 0.0)
+            if conn is None:
+                return self._connect()
+            if time.monotonic() - since < IDLE_CHECK_SECONDS or self._alive(conn):
+                return conn
+
+    @staticmethod
+    def _alive(conn) -> bool:
+        try:
+            conn.execute("SELECT 1")
+            return True
+        except Exception:  # noqa: BLE001 - any failure: this connection is not reused
+            conn.close()
+            return False
 
     def give(self, conn) -> None:
         """Back to the pool: a connection left inside a transaction is rolled back; a broken one is dropped."""
@@ -86,7 +105,7 @@ class PgConnections:
             if conn.closed or conn.broken or self._closed or len(self._idle) >= POOL_SIZE:
                 conn.close()
             else:
-                self._idle.append(conn)
+                self._idle.append((conn, time.monotonic()))
 
     def cursor(self) -> PgCursor:
         return PgCursor(self)
@@ -94,7 +113,7 @@ class PgConnections:
     def close(self) -> None:
         with self._lock:
             self._closed, idle, self._idle = True, self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()
 
 
@@ -183,14 +202,30 @@ class SessionLock:
 
     def held(self) -> bool:
         with self._lock:
-            if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            if self._conn is not None and self._still_held():
                 return True
+            if self._conn is not None:
+                self._conn.close()
             self._conn = None
             conn = self._connections._connect()
             if conn.execute("SELECT pg_try_advisory_lock(%s)", [self._key]).fetchone()[0]:
                 self._conn = conn
                 return True
             conn.close()
+            return False
+
+    def _still_held(self) -> bool:
+        """Asked of the server: psycopg marks a connection the server dropped (a restart, an idle timeout) closed only
+        once it is used, and the lock went with that session — another process may hold it now."""
+        try:
+            return bool(
+                self._conn.execute(
+                    "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory' "
+                    "AND objid::bigint = %s AND granted",
+                    [self._key],
+                ).fetchone()[0]
+            )
+        except Exception:  # noqa: BLE001 - a dead connection holds nothing
             return False
 
     def release(self) -> None:

@@ -1,0 +1,69 @@
+"""PostgreSQL sessions that the server ends (a restart, an idle timeout, an admin): the pool and the runner lock must
+notice, not find out by failing a vote or by two processes each believing they run the training queue."""
+
+from __future__ import annotations
+
+import contextlib
+
+import psycopg
+import pytest
+
+import storage.postgres as pg
+from storage.db import Store
+
+
+@pytest.fixture
+def url(pg_server) -> str:
+    return pg_server.new_database()
+
+
+def end_sessions(url: str, *, only_pid: int | None = None) -> None:
+    """pg_terminate_backend: every session of the database (or one), as a server restart ends them."""
+    database = url.rsplit("/", 1)[1]
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
+            "AND (%s::int IS NULL OR pid = %s::int)",
+            [database, only_pid, only_pid],
+        )
+
+
+def test_a_lock_whose_session_the_server_ended_is_no_longer_held(url):
+    first, second = Store(url), Store(url)
+    try:
+        assert first.hold_lock("runner") and not second.hold_lock("runner")
+        holder = first._session_locks["runner"]._conn.info.backend_pid
+        end_sessions(url, only_pid=holder)
+        assert second.hold_lock("runner")  # the lock went with the session
+        assert not first.hold_lock("runner")  # and the first process knows it no longer runs the queue
+    finally:
+        first.close()
+        second.close()
+
+
+def test_pooled_connections_the_server_ended_are_replaced_before_use(url, monkeypatch):
+    monkeypatch.setattr(
+        pg, "IDLE_CHECK_SECONDS", 0.0, raising=False
+    )  # check every idle connection (else only after 5 s idle)
+    store = Store(url)
+    try:
+        with contextlib.ExitStack() as held:  # eight connections at once: eight idle in the pool afterwards
+            for _ in range(8):
+                held.enter_context(store.read()).execute("SELECT 1").fetchall()
+        end_sessions(url)
+        for i in range(10):  # each used to fail on a dead pooled connection
+            store.set_setting(f"after{i}", "1")
+        assert store.get_setting("after9") == "1"
+    finally:
+        store.close()
+
+
+def test_dates_come_in_iso_form_whatever_the_servers_datestyle(url):
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {url.rsplit('/', 1)[1]} SET datestyle = 'SQL, DMY'")
+    store = Store(url)
+    try:
+        with store.read() as cur:
+            assert cur.execute("SELECT current_date::VARCHAR").fetchone()[0][4] == "-"  # YYYY-MM-DD, not DD/MM/YYYY
+    finally:
+        store.close()
