@@ -54,6 +54,9 @@ BATCH_ROWS = 50_000
 EMPTY = "0:0:0"  # the fingerprint of an empty table
 SHARD_NAME = re.compile(r"^(\d{6,})-\d{8}T\d{6}Z\.parquet$")
 
+# Unique by the app's rules, without a UNIQUE constraint on DuckDB (migration m008 dropped them: their indexes cost
+# each import's commit a second at 1M rows; writers look the keys up first): a restore must skip clashes on them too.
+KEYS_WITHOUT_CONSTRAINT = {"prompts": [["hash"]], "comparisons": [["dedupe_key"]]}
 MAX_BACKUP_EVERY_S = 7 * 86_400  # a week: a longer period (1e300 s) killed the backup thread with OverflowError
 
 
@@ -293,7 +296,7 @@ def _insert_shards(cur, table: str, paths: list[Path], replace: bool) -> None:
     if replace:
         cur.execute(f"INSERT OR REPLACE INTO {table} ({columns}) {rows}")
         return
-    unique = [key.split(", ")] + [
+    unique = [key.split(", "), *KEYS_WITHOUT_CONSTRAINT.get(table, [])] + [
         r[0]
         for r in cur.execute(
             "SELECT constraint_column_names FROM duckdb_constraints() "

@@ -310,3 +310,26 @@ def test_the_app_refuses_a_backup_period_it_cannot_keep(capsys):
             app.parse_args(["--backup-every", bad])
         assert stopped.value.code == 2 and "--backup-every must be a number of seconds in" in capsys.readouterr().err
     assert app.parse_args(["--backup-every", "60"]).backup_every == 60
+
+
+def test_a_restore_skips_prompts_and_imports_the_store_has_under_other_ids(tmp_path):
+    """Prompts (by hash) and imported judgements (by dedupe key) are unique by the app's rules, but have no UNIQUE
+    constraint on DuckDB any more: a restore into a store that had them under other ids stored them twice."""
+    source, folder = Store(tmp_path / "a.duckdb"), tmp_path / "backup"
+    for i in range(3):
+        source.add_prompt(f"Filler {i}?", "test")
+    prompt = source.add_prompt("Which is the shared one?", "test")  # id 4 here
+    a, b = source.add_generation(prompt, "One.", model_name="m"), source.add_generation(prompt, "Two.", model_name="m")
+    source.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator="x", choice="B")
+    source.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator="x", choice="A", dedupe_key="k1")
+    Backup(source, folder).flush()  # the keyed judgement is comparison 2 here
+    source.close()
+    target = Store(tmp_path / "b.duckdb")
+    shared = target.add_prompt("Which is the shared one?", "test")  # prompt 1 there
+    a, b = target.add_generation(shared, "One.", model_name="m"), target.add_generation(shared, "Two.", model_name="m")
+    target.add_comparison(prompt_id=shared, generation_a=a, generation_b=b, annotator="x", choice="A", dedupe_key="k1")
+    restore(target, folder)  # comparison 1 there
+    with target.read() as cur:
+        assert cur.execute("SELECT count(*) FROM prompts WHERE text = 'Which is the shared one?'").fetchone()[0] == 1
+        assert cur.execute("SELECT count(*) FROM comparisons WHERE dedupe_key = 'k1'").fetchone()[0] == 1
+    target.close()
