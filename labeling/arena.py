@@ -175,7 +175,7 @@ class GateWatcher:
         verdicts = [judge(counts, c["id"], serving, self.services.gate) for c in waiting if c["id"] != serving]
         for verdict in verdicts:
             if verdict.decision == "reject":
-                set_status(store, verdict.candidate, "rejected")
+                set_status(store, verdict.candidate, "rejected", only_if="candidate")  # not one served meanwhile
         passing = [v for v in verdicts if v.passed]
         if self.auto_promote and passing:
             best = max(passing, key=lambda v: (v.record["ci_low"], v.candidate))

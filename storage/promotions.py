@@ -38,11 +38,12 @@ def mark_serving(cur, version_id: int) -> None:
     cur.execute("UPDATE model_versions SET status = 'serving' WHERE id = ?", [int(version_id)])
 
 
-def set_status(store, version_id: int, status: str) -> None:
+def set_status(store, version_id: int, status: str, only_if: str | None = None) -> None:
+    """`only_if`: change it only from that status (the arena rejects a candidate, not one an admin served since)."""
     if status not in STATUSES:
         raise ValueError(f"a version status is one of {', '.join(STATUSES)}, not {status!r}")
-    sql = "UPDATE model_versions SET status = ? WHERE id = ?"
-    store.write(lambda cur: cur.execute(sql, [status, int(version_id)]))
+    sql = "UPDATE model_versions SET status = ? WHERE id = ?" + (" AND status = ?" if only_if else "")
+    store.write(lambda cur: cur.execute(sql, [status, int(version_id), *([only_if] if only_if else [])]))
 
 
 def version_status(store, version_id: int) -> str | None:

@@ -271,3 +271,17 @@ def test_promote_button_is_for_admins_and_the_leaderboard_for_every_reader(tmp_p
         fields = ("version_id", "from_version", "kind", "actor")
         assert [back[k] for k in fields] == [0, candidate, "rollback", "alice"]
         assert back["evidence"]["losses"] == 26  # the base's record against the version it replaces
+
+
+def test_a_reject_changes_only_a_version_still_waiting(store):
+    """The arena's verdict is computed, then written: an admin who served the version in between kept 'serving'
+    only if the reject asks for a candidate."""
+    from storage.promotions import set_status, version_status
+
+    version = store.add_version(base_model="bundled", adapter_path="/nowhere", parent_id=0)
+    set_status(store, version, "serving")
+    set_status(store, version, "rejected", only_if="candidate")
+    assert version_status(store, version) == "serving"
+    set_status(store, version, "candidate")
+    set_status(store, version, "rejected", only_if="candidate")
+    assert version_status(store, version) == "rejected"
