@@ -379,8 +379,9 @@ class PairQueue:
     def progress(self) -> dict:
         with self._lock:
             generating = Counter(item.strategy for item in self._in_flight)
-        available = self._available_by_strategy()
         with self.store.read() as cur:
+            sql = f"SELECT strategy, count(*) FROM pairs WHERE {AVAILABLE} AND strategy <> 'own' GROUP BY 1"
+            available = dict(cur.execute(sql, [self._now()]).fetchall())
             statuses = dict(cur.execute("SELECT status, count(*) FROM pairs GROUP BY 1").fetchall())
         return {
             "ready": sum(available.values()),
@@ -394,12 +395,6 @@ class PairQueue:
             "error": self.last_error,
             "endpoint": self.endpoint.status() if self.endpoint else None,
         }
-
-    def _available_by_strategy(self) -> dict[str, int]:
-        with self.store.read() as cur:
-            sql = f"SELECT strategy, count(*) FROM pairs WHERE {AVAILABLE} AND strategy <> 'own' GROUP BY 1"
-            rows = cur.execute(sql, [self._now()])
-            return dict(rows.fetchall())
 
     def _now(self) -> datetime:
         return utc_now()
