@@ -245,9 +245,10 @@ def test_unknown_method_is_one_clear_line():
 def test_the_learning_rate_is_scaled_down_for_long_runs():
     from training.dpo import PrefDPOConfig, planned_steps, scaled_learning_rate
 
-    cfg = PrefDPOConfig(data="pairs.parquet", out="run")  # defaults: lr 1e-3, batch 4, 2 epochs, 16 full-rate steps
-    assert [planned_steps(cfg, rows) for rows in (15, 28, 32, 33, 200)] == [8, 14, 16, 18, 100]
-    assert scaled_learning_rate(cfg, 28) == 1e-3  # 64 votes' worth of pairs: the full rate
-    assert scaled_learning_rate(cfg, 200) == pytest.approx(1e-3 * 16 / 100)
+    cfg = PrefDPOConfig(data="pairs.parquet", out="run")  # defaults: lr 1e-3, batch 4, 3 epochs, 16 full-rate steps
+    assert [planned_steps(cfg, rows) for rows in (15, 20, 21, 28, 200)] == [12, 15, 18, 21, 150]
+    assert scaled_learning_rate(cfg, 20) == 1e-3  # up to 16 steps: the full rate
+    assert scaled_learning_rate(cfg, 28) == pytest.approx(1e-3 * 16 / 21)  # 64 votes' worth of pairs
+    assert scaled_learning_rate(cfg, 200) == pytest.approx(1e-3 * 16 / 150)
     assert scaled_learning_rate(PrefDPOConfig(data="p", out="r", full_rate_steps=0), 200) == 1e-3  # off
     assert scaled_learning_rate(PrefDPOConfig(data="p", out="r", max_steps=40), 3) == pytest.approx(1e-3 * 16 / 40)
