@@ -233,7 +233,7 @@ def test_a_run_without_its_folder_or_its_result_fails_and_the_queue_moves_on(tmp
         def cannot_record(*_args, **_kwargs):
             raise OSError(5, "Input/output error")
 
-        monkeypatch.setattr(runner, "_register", cannot_record)
+        monkeypatch.setattr(runner_module, "register_version", cannot_record)
         first = runner.submit("dpo", QUICK)
         second = runner.submit("dpo", QUICK)  # waits behind the first
         ended = runner.wait(first, timeout=300)

@@ -179,3 +179,18 @@ def test_a_run_is_registered_once_however_often_it_is_recorded(store, tmp_path):
     assert register_version(store, "bundled", row, {"loss": 0.5}) == first
     with store.read() as cur:
         assert cur.execute("SELECT count(*) FROM model_versions WHERE run_id = 7").fetchone()[0] == 1
+
+
+def test_a_run_cancelled_while_the_queue_starts_it_never_starts(store, tmp_path, tiny_model_dir):
+    """Two app processes on PostgreSQL: one cancels a queued run while the other, which runs the queue, is starting
+    it. The start claimed nothing and overwrote 'cancelled' with 'running'; now it only starts a run still queued."""
+    runner = runner_for(store, tmp_path, tiny_model_dir)
+    runner.stop()  # a stopping runner's tick() starts nothing: the run stays queued
+    seed_preferences(store, 8)
+    run_id = runner.submit("dpo", QUICK)
+    row = runner._rows("id = ?", [run_id])[0]  # what the queue read before starting it
+    assert row["status"] == "queued"
+    with store.transaction() as cur:  # the other process's Cancel lands first
+        cur.execute("UPDATE training_runs SET status = 'cancelled' WHERE id = ?", [run_id])
+    assert runner._launch(row) is False and run_id not in runner._children
+    assert runner.status(run_id).status == "cancelled"

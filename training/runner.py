@@ -250,6 +250,8 @@ class JobRunner:
             error = "its run folder was never completed (the app stopped or the disk filled up during submit)"
             self._set(row["id"], status="failed", error=error, end=True)
             return False
+        if not self._set(row["id"], status="running", start=True, only_from="queued"):
+            return False  # cancelled meanwhile (on PostgreSQL, by another app process): never started
         cmd = [sys.executable, "-m", "training", row["method"], "--config", str(run_dir / "run.yaml")]
         quiet = {"PYTHONUNBUFFERED": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **quiet}  # see training/__main__.py: no spinning threads
@@ -258,7 +260,7 @@ class JobRunner:
         except OSError as exc:
             self._set(row["id"], status="failed", error=f"the training process could not start: {exc}", end=True)
             return False
-        self._set(row["id"], status="running", pid=pid, start=True)
+        self._set(row["id"], pid=pid)
         return True
 
     def _finish(self, row: dict, end: dict | None, returncode: int | None = None) -> None:
@@ -293,8 +295,9 @@ class JobRunner:
                 raise RunRejected(f"there is no run {run_id}")
             row = rows[0]
             if row["status"] == "queued":
-                self._set(run_id, status="cancelled", end=True)
-                return "cancelled before it started"
+                if self._set(run_id, status="cancelled", end=True, only_from="queued"):
+                    return "cancelled before it started"
+                row = self._rows("id = ?", [run_id])[0]  # another app process started it meanwhile
             if row["status"] != "running":
                 return f"run {run_id} is already {row['status']}"
             if not self._owner:  # another app process watches the child: it stops it at its next tick
@@ -368,9 +371,14 @@ class JobRunner:
             )
             return int(cur.fetchone()[0])
 
-    def _set(self, run_id: int, *, start: bool = False, end: bool = False, **columns) -> None:
+    def _set(self, run_id: int, *, start: bool = False, end: bool = False, only_from: str | None = None, **columns):
+        """Update the run's row; with `only_from`, only while its status is that one. Whether a row changed."""
         sets = [f"{name} = ?" for name in columns]
         sets += ["started_at = now()"] if start else []
         sets += ["finished_at = now()", "pid = NULL"] if end else []
+        where, params = "id = ?", [*columns.values(), run_id]
+        if only_from is not None:
+            where, params = where + " AND status = ?", [*params, only_from]
         with self.store.transaction() as cur:
-            cur.execute(f"UPDATE training_runs SET {', '.join(sets)} WHERE id = ?", [*columns.values(), run_id])
+            sql = f"UPDATE training_runs SET {', '.join(sets)} WHERE {where} RETURNING id"
+            return bool(cur.execute(sql, params).fetchall())
