@@ -62,3 +62,18 @@ def test_auto_runs_the_chosen_method_and_the_run_says_why(tmp_path, tiny_model_d
         assert resolve_method(store, "dpo") == ("dpo", None)
     finally:
         store.close()
+
+
+def test_an_edit_of_whitespace_only_is_no_edit(db_url):
+    """The exports drop an edit that str.strip() empties; the mix counted it when it held a tab or a newline (SQL's
+    trim() takes spaces only), and could pick SFT-then-DPO for edits that give no rows."""
+    store = Store(db_url)
+    try:
+        prompt = store.add_prompt([{"role": "user", "content": "Name a colour."}], "test")
+        a = store.add_generation(prompt, "Blue.", model_version_id=0)
+        b = store.add_generation(prompt, "Red.", model_version_id=0)
+        store.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator="x", choice="A",
+                             edited_answer="\t\n\u00a0")  # fmt: skip
+        assert data_mix(store).edited == 0
+    finally:
+        store.close()

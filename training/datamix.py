@@ -38,11 +38,14 @@ class DataMix:
 
 def data_mix(store) -> DataMix:
     from storage.exporters import export_rows
+    from storage.tallies import WHITESPACE
 
     with store.read() as cur:
         counts = dict(cur.execute("SELECT choice, count(*) FROM effective_comparisons GROUP BY 1").fetchall())
         edited = cur.execute(
-            "SELECT count(*) FROM effective_comparisons WHERE edited_answer IS NOT NULL AND trim(edited_answer) <> ''"
+            "SELECT count(*) FROM effective_comparisons WHERE edited_answer IS NOT NULL "
+            "AND trim(edited_answer, ?) <> ''",  # what str.strip() removes, as the exports check (not spaces only)
+            [WHITESPACE],
         ).fetchone()[0]
     return DataMix(
         judgements=sum(counts.get(c, 0) for c in ("A", "B", "tie", "both_bad")),
