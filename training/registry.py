@@ -16,27 +16,17 @@ def register_version(store, base_model: str, row: dict, metrics: dict) -> int:
     if known is not None:
         return int(known)
     run_dir = Path(row["run_dir"])
-    meta = json.loads(row["config"] or "{}")
     trained_on = read_json(run_dir / "trained_on.json") or []
+    common = {"base_model": base_model, "parent_id": row["parent_version"], "run_id": row["id"], "metrics": metrics,
+              "trained_on": trained_on}  # fmt: skip
     if row["method"] == "reward":
-        return store.add_version(
-            kind="reward",
-            base_model=base_model,
-            adapter_path=str(run_dir / "reward_model"),
-            parent_id=row["parent_version"],
-            run_id=row["id"],
-            metrics=metrics,
-            trained_on=trained_on,
-            notes=f"reward model from run {row['id']}",
-        )
+        folder, notes = "reward_model", f"reward model from run {row['id']}"
+        return store.add_version(kind="reward", adapter_path=str(run_dir / folder), notes=notes, **common)
+    reward_model = json.loads(row["config"] or "{}").get("config", {}).get("reward_model_version")  # PPO's
     return store.add_version(
         kind="policy",
-        base_model=base_model,
         adapter_path=str(run_dir / "adapter"),
-        parent_id=row["parent_version"],
-        run_id=row["id"],
-        metrics=metrics,
-        trained_on=trained_on,
-        reward_model_id=meta.get("config", {}).get("reward_model_version"),
+        reward_model_id=reward_model,
         notes=f"{row['method']} run {row['id']}",
+        **common,
     )
