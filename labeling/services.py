@@ -15,7 +15,7 @@ from labeling.arena import GateRule, judge, model_name
 from storage.db import CHOICES, canonical_messages
 from storage.promotions import candidates, serve, version_status
 from storage.ratings import battle_counts, head_to_head
-from storage.rows import NOT_UNICODE, is_unicode
+from storage.rows import is_unicode
 from storage.scores import comparison_scores
 from storage.tallies import vote_counts
 
@@ -81,9 +81,6 @@ class Services:
             raise UserError(f"The rationale is over {MAX_RATIONALE_CHARS} characters.")
         if len(edited) > MAX_EDIT_CHARS:
             raise UserError(f"The edited answer is over {MAX_EDIT_CHARS} characters.")
-        for label, text in (("rationale", rationale), ("edited answer", edited)):
-            if not is_unicode(text):  # else the store refuses it, and with it every vote of the same batch
-                raise UserError(f"The {label} {NOT_UNICODE}.")
         try:
             comparison_id = self.queue.record_vote(
                 pair_id,

@@ -57,9 +57,8 @@ class Store:
         except Exception as exc:  # duckdb.Error, OSError, psycopg.Error: one line naming the store
             raise StoreOpenError(path, exc) from None
         self._write_lock = threading.Lock()
-        self._con_lock = threading.Lock()  # DuckDB refuses close() while another thread opens or uses a cursor
         self._session_locks: dict[str, SessionLock] = {}
-        self._commits = GroupCommit(self._cursor, self._write_lock, _insert_comparison_rows)
+        self._commits = GroupCommit(lambda: self._con.cursor(), self._write_lock, _insert_comparison_rows)
         try:
             apply_migrations(self._con)
         except Exception as exc:  # e.g. the disk filled up while a new file was being set up
@@ -72,22 +71,20 @@ class Store:
         for lock in self._session_locks.values():
             lock.release()
         self._commits.close()
-        with self._write_lock, self._con_lock:
+        with self._write_lock:
             if not checkpoint and self.dialect == "duckdb":
                 self._con.execute("PRAGMA disable_checkpoint_on_shutdown")
-            for wait in [0.01] * CLOSE_TRIES + [None]:  # a cursor's query in flight in another thread: let it end
-                with contextlib.suppress(*((duckdb.ResourceInUseException,) if wait else ())):
+            for _ in range(CLOSE_TRIES):
+                try:
                     return self._con.close()
-                time.sleep(wait)
-
-    def _cursor(self):
-        with self._con_lock:
-            return self._con.cursor()
+                except duckdb.ResourceInUseException:  # another thread opens or uses a cursor now: let it end
+                    time.sleep(0.01)
+            self._con.close()
 
     # ---- cursors and transactions -------------------------------------------------------------------------
     @contextlib.contextmanager
     def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        cur = self._cursor()
+        cur = self._con.cursor()
         try:
             yield cur
         finally:
@@ -121,7 +118,7 @@ class Store:
         """One explicit transaction under the write lock: everything inside commits together or not at all.
         `lock` ("pairs"): on PostgreSQL, also hold that advisory lock, so other app processes wait for it too."""
         with self._write_lock:
-            cur = self._cursor()
+            cur = self._con.cursor()
             cur.execute("BEGIN")
             if lock and self.dialect == "postgres":
                 cur.lock(lock)

@@ -23,7 +23,6 @@ from storage.exporters import export_rows, ppo_prompt_rows
 from storage.scores import load_score_file, save_scores, write_generations_to_score
 from storage.tallies import usable_pairs
 from training.children import Children
-from training.configparse import ConfigError
 from training.datamix import EXPORT_FORMATS, ROW_KINDS, resolve_method
 from training.files import write_jsonl
 from training.registry import register_version
@@ -199,7 +198,7 @@ class JobRunner:
         """RunRejected unless the child would accept these settings (training/settings_check.py)."""
         try:
             check_settings(method, settings, self._run_fields(parent_version), reward_model_later)
-        except (ConfigError, ValueError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:  # ConfigError is a ValueError
             raise RunRejected(f"{method}: {exc}") from None
 
     def _run_fields(self, parent_version: int) -> dict:
