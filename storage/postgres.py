@@ -23,7 +23,7 @@ from pathlib import Path
 PREFIXES = ("postgresql://", "postgres://")
 POOL_SIZE = 16  # idle connections kept; more are opened while needed (a burst of request threads)
 IDLE_CHECK_SECONDS = 5.0  # a pooled connection idle longer is checked before use (one round trip)
-LOCKS = {"migrations": 7101, "pairs": 7102, "runner": 7103}  # advisory lock keys (any fixed bigint)
+LOCKS = {"migrations": 7101, "pairs": 7102, "runner": 7103, "promotion": 7104}  # advisory lock keys (any fixed bigint)
 
 
 def is_postgres(path: str) -> bool:

@@ -19,15 +19,17 @@ def serve(store, version_id: int, from_version: int | None, kind: str, evidence:
     if kind not in PROMOTION_KINDS:
         raise ValueError(f"a promotion is one of {', '.join(PROMOTION_KINDS)}, not {kind!r}")
 
-    def write(cur) -> int:
+    # Its own transaction under the "promotion" lock: on PostgreSQL two app processes promoting at once would each
+    # retire only the version serving when its UPDATE began, and leave two serving.
+    with store.transaction(lock="promotion") as cur:
         mark_serving(cur, version_id)
-        return cur.execute(
-            "INSERT INTO promotions (id, version_id, from_version, kind, evidence, actor) "
-            "VALUES (nextval('promotions_id_seq'), ?, ?, ?, ?, ?) RETURNING id",
-            [int(version_id), from_version, kind, json.dumps(evidence), actor],
-        ).fetchone()[0]
-
-    return int(store.write(write))
+        return int(
+            cur.execute(
+                "INSERT INTO promotions (id, version_id, from_version, kind, evidence, actor) "
+                "VALUES (nextval('promotions_id_seq'), ?, ?, ?, ?, ?) RETURNING id",
+                [int(version_id), from_version, kind, json.dumps(evidence), actor],
+            ).fetchone()[0]
+        )
 
 
 def mark_serving(cur, version_id: int) -> None:

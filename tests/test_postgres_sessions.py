@@ -67,3 +67,30 @@ def test_dates_come_in_iso_form_whatever_the_servers_datestyle(url):
             assert cur.execute("SELECT current_date::VARCHAR").fetchone()[0][4] == "-"  # YYYY-MM-DD, not DD/MM/YYYY
     finally:
         store.close()
+
+
+def test_two_processes_promoting_at_once_leave_exactly_one_version_serving(url):
+    """Process one has marked version 1 serving and not yet committed when process two promotes version 2: two must
+    wait for one's promotion and then retire version 1 (without the promotion lock, its UPDATE saw version 1 as a
+    candidate and left both serving)."""
+    import threading
+    import time
+
+    from storage.promotions import mark_serving, serve
+
+    first, second = Store(url), Store(url)
+    try:
+        one, two = (first.add_version(base_model="m", adapter_path=f"/a{i}", parent_id=0) for i in (1, 2))
+        with first.transaction(lock="promotion") as cur:
+            mark_serving(cur, one)
+            promoting = threading.Thread(target=serve, args=(second, two, one, "override", {}, "admin"))
+            promoting.start()
+            time.sleep(0.5)  # process two is now waiting
+            assert promoting.is_alive()
+        promoting.join(timeout=10)
+        with second.read() as cur:
+            serving = cur.execute("SELECT id FROM model_versions WHERE status = 'serving' ORDER BY id").fetchall()
+        assert serving == [(two,)]
+    finally:
+        first.close()
+        second.close()
