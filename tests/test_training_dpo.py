@@ -252,3 +252,29 @@ def test_the_learning_rate_is_scaled_down_for_long_runs():
     assert scaled_learning_rate(cfg, 200) == pytest.approx(1e-3 * 16 / 150)
     assert scaled_learning_rate(PrefDPOConfig(data="p", out="r", full_rate_steps=0), 200) == 1e-3  # off
     assert scaled_learning_rate(PrefDPOConfig(data="p", out="r", max_steps=40), 3) == pytest.approx(1e-3 * 16 / 40)
+
+
+@pytest.mark.parametrize("method", ["kto", "sft"])
+def test_kto_and_sft_hold_out_eval_fraction_of_the_rows(tmp_path, tiny_model_dir, method):
+    """--eval-fraction holds out whole prompts for KTO and SFT as for DPO (it used to be accepted and ignored)."""
+    answer = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    rows = []
+    for i in range(8):
+        prompt = [{"role": "user", "content": f"Tell me one fact about tea (#{i})."}]
+        if method == "kto":  # two labelled answers per prompt: a prompt's rows stay on one side of the split
+            rows += [{"prompt": prompt, "completion": answer("Tea has a long history."), "label": True},
+                     {"prompt": prompt, "completion": answer("No."), "label": False}]  # fmt: skip
+        else:
+            rows.append({"prompt": prompt, "completion": answer("Tea has a long history.")})
+    run_dir = tmp_path / "run"
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    args = ["--data", str(data), "--out", str(run_dir), "--base-model", str(tiny_model_dir), "--max-steps", "2",
+            "--eval-fraction", "0.25", "--batch-size", "2", "--max-length", "64",
+            "--before-after-prompts", "0"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "training", method, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    expected = (12, 4) if method == "kto" else (6, 2)  # 2 of 8 prompts held out
+    assert (metrics["train_rows"], metrics["eval_rows"]) == expected and metrics["eval_loss"] is not None
+    assert [e for e in events(run_dir) if e["event"] == "eval"]  # the held-out loss was measured during the run

@@ -23,7 +23,7 @@ from training.common import CommonConfig, run_method
 from training.configparse import ConfigError
 from training.data import DataError, load_rows, split_rows
 from training.modeling import load_model_for_training, lora_config, save_adapter, trainer_args_kwargs
-from training.progress import ProgressWriter, is_main_process
+from training.progress import ProgressWriter, eval_metrics, is_main_process
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down")
 DPO_RENAME = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"}
@@ -183,8 +183,7 @@ def summarize(cfg: PrefDPOConfig, steps: int, progress, n_train: int, n_eval: in
         "continued_from": cfg.init_adapter,
         "reference": "parent adapter (frozen copy)" if cfg.init_adapter else "base model (adapter disabled)",
     }
-    metrics.update({f"eval_{k}": v for k, v in progress.last_eval.items() if k not in ("event", "time")})
-    return metrics
+    return {**metrics, **eval_metrics(progress)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,9 @@ from typing import ClassVar
 from training.before_after import run_before_after
 from training.common import CommonConfig, run_method
 from training.configparse import ConfigError
-from training.data import DataError, load_rows
+from training.data import DataError, load_rows, split_rows
 from training.modeling import load_model_for_training, lora_config, save_adapter, trainer_args_kwargs
-from training.progress import ProgressWriter, is_main_process
+from training.progress import ProgressWriter, eval_metrics, is_main_process
 
 KTO_RENAME = {
     "rewards/margins": "reward_margin",
@@ -93,7 +93,8 @@ def train(cfg: PrefKTOConfig, writer: ProgressWriter, cancel: threading.Event) -
     from training.progress import ProgressCallback
 
     rows = load_rows(cfg.data)
-    desirable, undesirable = check_labels(rows, cfg.data)
+    train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
+    desirable, undesirable = check_labels(train_rows, cfg.data)  # the weights balance what it trains on
     weight_d, weight_u = label_weights(cfg, desirable, undesirable)
     model, tokenizer = load_model_for_training(cfg, "causal")
     args = KTOConfig(
@@ -103,13 +104,15 @@ def train(cfg: PrefKTOConfig, writer: ProgressWriter, cancel: threading.Event) -
         undesirable_weight=weight_u,
         max_length=cfg.max_length,
         disable_dropout=cfg.lora_dropout == 0,
+        eval_strategy="epoch" if eval_rows else "no",
     )
     progress = ProgressCallback(writer, cancel, rename=KTO_RENAME)
     trainer = KTOTrainer(
         model=model,
         args=args,
         processing_class=tokenizer,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         peft_config=None if cfg.init_adapter else lora_config(cfg),
         callbacks=[progress],
     )
@@ -120,7 +123,8 @@ def train(cfg: PrefKTOConfig, writer: ProgressWriter, cancel: threading.Event) -
     metrics = {
         "method": "kto",
         "steps": trainer.state.global_step,
-        "train_rows": len(rows),
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
         "desirable": desirable,
         "undesirable": undesirable,
         "desirable_weight": weight_d,
@@ -133,6 +137,7 @@ def train(cfg: PrefKTOConfig, writer: ProgressWriter, cancel: threading.Event) -
         "base_version": cfg.base_version,
         "continued_from": cfg.init_adapter,
         "reference": "parent adapter (frozen copy)" if cfg.init_adapter else "base model (adapter disabled)",
+        **eval_metrics(progress),
     }
     if not cancel.is_set() and cfg.before_after_prompts > 0 and is_main_process():
         del trainer, model

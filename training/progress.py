@@ -108,6 +108,11 @@ class ProgressLogic:
 
 
 @functools.cache
+def eval_metrics(progress: ProgressLogic) -> dict:
+    """The last held-out evaluation's figures as eval_<name> metrics (none when nothing was held out)."""
+    return {f"eval_{k}": v for k, v in progress.last_eval.items() if k not in ("event", "time")}
+
+
 def trainer_callback(logic: type[ProgressLogic]) -> type:
     """`logic` mixed with transformers.TrainerCallback (imported now, not when this module is)."""
     from transformers import TrainerCallback

@@ -15,9 +15,9 @@ from typing import ClassVar
 
 from training.before_after import run_before_after
 from training.common import CommonConfig, run_method
-from training.data import DataError, load_rows
+from training.data import DataError, load_rows, split_rows
 from training.modeling import load_model_for_training, lora_config, save_adapter, trainer_args_kwargs
-from training.progress import ProgressWriter, is_main_process
+from training.progress import ProgressWriter, eval_metrics, is_main_process
 
 SFT_RENAME = {"mean_token_accuracy": "token_accuracy", "entropy": "entropy"}
 
@@ -43,8 +43,16 @@ def check_completions(rows: list[dict], path: str) -> None:
             raise DataError(f"{path}, row {number}: missing or empty {', '.join(missing)} (need prompt, completion)")
 
 
-def fit(cfg: CommonConfig, rows: list[dict], writer: ProgressWriter, cancel: threading.Event, adapter_dir: Path):
-    """Train a LoRA on `rows` and save it to `adapter_dir`. Returns (metrics, trainer) (the caller frees it)."""
+def fit(
+    cfg: CommonConfig,
+    rows: list[dict],
+    writer: ProgressWriter,
+    cancel: threading.Event,
+    adapter_dir: Path,
+    eval_rows: list[dict] | None = None,
+):
+    """Train a LoRA on `rows` (its loss on `eval_rows` each epoch) and save it to `adapter_dir`. Returns (metrics,
+    trainer) (the caller frees it)."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -57,6 +65,7 @@ def fit(cfg: CommonConfig, rows: list[dict], writer: ProgressWriter, cancel: thr
         max_length=cfg.max_length,
         completion_only_loss=True,
         packing=False,
+        eval_strategy="epoch" if eval_rows else "no",
     )
     progress = ProgressCallback(writer, cancel, rename=SFT_RENAME)
     trainer = SFTTrainer(
@@ -64,6 +73,7 @@ def fit(cfg: CommonConfig, rows: list[dict], writer: ProgressWriter, cancel: thr
         args=args,
         processing_class=tokenizer,
         train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         peft_config=None if cfg.init_adapter else lora_config(cfg),
         callbacks=[progress],
     )
@@ -74,10 +84,12 @@ def fit(cfg: CommonConfig, rows: list[dict], writer: ProgressWriter, cancel: thr
     metrics = {
         "steps": trainer.state.global_step,
         "train_rows": len(rows),
+        "eval_rows": len(eval_rows or []),
         "loss": last.get("loss"),
         "token_accuracy": last.get("token_accuracy"),
         "train_loss": progress.summary.get("train_loss"),
         "train_runtime": progress.summary.get("train_runtime"),
+        **eval_metrics(progress),
     }
     return metrics, trainer
 
@@ -85,8 +97,9 @@ def fit(cfg: CommonConfig, rows: list[dict], writer: ProgressWriter, cancel: thr
 def train(cfg: PrefSFTConfig, writer: ProgressWriter, cancel: threading.Event) -> dict:
     rows = load_rows(cfg.data)
     check_completions(rows, cfg.data)
+    train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
     adapter_dir = Path(cfg.out) / "adapter"
-    fitted, trainer = fit(cfg, rows, writer, cancel, adapter_dir)
+    fitted, trainer = fit(cfg, train_rows, writer, cancel, adapter_dir, eval_rows)
     del trainer
     metrics = {"method": "sft", **fitted, "base_version": cfg.base_version, "continued_from": cfg.init_adapter}
     if not cancel.is_set() and cfg.before_after_prompts > 0 and is_main_process():

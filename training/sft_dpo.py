@@ -57,7 +57,9 @@ def train(cfg: PrefSFTDPOConfig, writer: ProgressWriter, cancel: threading.Event
     pairs = load_rows(cfg.data)
     check_pairs(pairs, cfg.data)
     out = Path(cfg.out)
-    trained, _ = split_rows(pairs, cfg.eval_fraction, cfg.seed)  # the DPO stage holds out the same pairs (same seed)
+    trained, held = split_rows(
+        pairs, cfg.eval_fraction, cfg.seed
+    )  # the DPO stage holds out the same pairs (same seed)
     sft_rows = chosen_rows(trained)  # so stage 1 never sees a held-out pair's chosen answer
     write_jsonl(out / "sft_data.jsonl", sft_rows)
     common = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PrefSFTConfig) if f.name != "method_name"}
@@ -70,7 +72,7 @@ def train(cfg: PrefSFTDPOConfig, writer: ProgressWriter, cancel: threading.Event
             "max_steps": -1,
         }
     )
-    sft_metrics, trainer = fit(sft_cfg, sft_rows, writer, cancel, out / "sft_adapter")
+    sft_metrics, trainer = fit(sft_cfg, sft_rows, writer, cancel, out / "sft_adapter", chosen_rows(held))
     del trainer
     if cancel.is_set():  # stopped during stage 1: what is done is the SFT adapter
         (out / "sft_adapter").rename(out / "adapter")
