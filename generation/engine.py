@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from generation.sampling import Batch, Generation, Request, Row, SamplingParams, sample_next
+from generation.sampling import Batch, Generation, Request, Row, SamplingParams, VersionNotLoaded, sample_next
 from generation.streams import PairStream
 from models.device import pick_placement
 from models.loading import load_base_model, load_tokenizer
@@ -60,6 +60,7 @@ class GenerationEngine:
         self._model_lock = threading.Lock()  # forward passes vs adapter loading
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
         self._inbox: list[Request] = []
+        self._arriving: list[Request] = []  # taken from the inbox by the worker, not yet in the batch
         self._wakeup = threading.Condition()
         self._closed = False
         self._batch: Batch | None = None
@@ -89,9 +90,24 @@ class GenerationEngine:
             self._peft.eval()
             self._adapters[version_id] = name
 
+    def unload_versions(self, keep: set[int]) -> list[int]:
+        """Free the adapters of loaded versions outside `keep` (the base and the active version always stay) that no
+        waiting or running request uses; the ids freed. Rounds of training would otherwise pile up adapters no pair
+        needs (rejected candidates, retired versions); one served again loads from its folder."""
+        keep = {0, self.active_version, *map(int, keep)}
+        with self._model_lock, self._wakeup:
+            rows = self._batch.rows if self._batch else []
+            busy = {r.version for r in self._inbox + self._arriving} | {row.request.version for row in rows}
+            unused = [v for v in self._adapters if v not in keep and v not in busy]
+            if self._peft is not None and len(unused) >= len(self._peft.peft_config):
+                unused = unused[1:]  # PEFT keeps one adapter loaded: without any, a PeftModel has no active adapter
+            for version in unused:
+                self._peft.delete_adapter(self._adapters.pop(version))
+        return unused
+
     def set_active(self, version_id: int) -> None:
         if not self.has_version(version_id):
-            raise ValueError(f"version {version_id} is not loaded: call load_version first")
+            raise VersionNotLoaded(f"version {version_id} is not loaded: call load_version first")
         self.active_version = int(version_id)
 
     # ---- requests ---------------------------------------------------------------------------------------------
@@ -155,7 +171,7 @@ class GenerationEngine:
             raise ValueError("params must be a SamplingParams")
         version = self.active_version if version is None else int(version)
         if not self.has_version(version):
-            raise ValueError(f"version {version} is not loaded: call load_version first")
+            raise VersionNotLoaded(f"version {version} is not loaded: call load_version first")
         prompt_ids = self.encode(messages)
         if len(prompt_ids) + params.max_new_tokens > self.context:
             raise ValueError(
@@ -183,15 +199,17 @@ class GenerationEngine:
                     break
                 room = self.max_batch - (len(self._batch.rows) if self._batch else 0)
                 arrivals, self._inbox = self._inbox[:room], self._inbox[room:]
+                self._arriving = arrivals
             try:
                 with self._model_lock, torch.inference_mode():
                     if arrivals:
                         self._admit(arrivals)
+                    self._arriving = []
                     if self._batch is not None:
                         self._step()
             except Exception as exc:  # a failed forward fails the requests in flight, not the worker
                 _fail(arrivals + [row.request for row in (self._batch.rows if self._batch else [])], exc)
-                self._batch = None
+                self._batch, self._arriving = None, []
         with self._wakeup:
             pending, self._inbox = self._inbox, []
         in_flight = [row.request for row in (self._batch.rows if self._batch else [])]

@@ -20,6 +20,11 @@ import torch.nn.functional as F
 
 from generation.defaults import repetition_penalty_problem
 
+
+class VersionNotLoaded(ValueError):
+    """A request for a model version the engine has not loaded (or has unloaded since: a rejected candidate)."""
+
+
 SEED_RANGE = 2**31  # seeds drawn for requests that bring none (fits every RNG API)
 NUCLEUS_PROBE = 256  # top-k probe before a full sort when finding the top-p cutoff
 

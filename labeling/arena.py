@@ -169,6 +169,7 @@ class GateWatcher:
         self._seen = seen
         waiting = candidates(store)
         if not waiting:
+            self.services.free_adapters()  # of versions retired by a promotion since
             return []
         serving = self.services.engine.active_version
         counts = battle_counts(store)  # one aggregate for every candidate
@@ -180,4 +181,5 @@ class GateWatcher:
         if self.auto_promote and passing:
             best = max(passing, key=lambda v: (v.record["ci_low"], v.candidate))
             self.services.promote(best.candidate, actor="auto-promote", auto=True)
+        self.services.free_adapters()
         return verdicts

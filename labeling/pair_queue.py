@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from generation.sampling import SEED_RANGE, Generation, SamplingParams
+from generation.sampling import SEED_RANGE, Generation, SamplingParams, VersionNotLoaded
 from labeling.arena import arena_plan
 from labeling.pair_leases import AVAILABLE, LeaseDesk, utc_now
 from storage.db import annotator_name
@@ -130,8 +130,7 @@ class PairQueue:
                 self._arena_credit += wanted * self.arena_share
                 arena = min(wanted, int(self._arena_credit + 1e-9))
                 self._arena_credit -= arena
-        if arena:
-            arena = len(self._submit("versions", arena))
+        arena = len(self._submit("versions", arena)) if arena else 0
         if "endpoint" in self.strategies and wanted > arena:  # a share (all without 'self'), none while it rests
             made = self.endpoint.count(wanted - arena, alone="self" not in self.strategies)
             arena += len(self._submit("endpoint", made)) if made else 0
@@ -203,8 +202,9 @@ class PairQueue:
                 sides = [(fitted, params_a, version_a), (fitted, params_b, version_b)]
                 endpoint = strategy == "endpoint"
                 futures = self.endpoint.submit_pair(self.engine, sides) if endpoint else self.engine.submit_many(sides)
-            except ValueError as exc:
-                self.unusable[prompt_id] = self.last_error = f"prompt {prompt_id} is unusable: {exc}"
+            except ValueError as exc:  # a candidate unloaded (rejected) since the plan is no fault of the prompt
+                if not isinstance(exc, VersionNotLoaded):
+                    self.unusable[prompt_id] = self.last_error = f"prompt {prompt_id} is unusable: {exc}"
                 continue
             item = _InFlight(strategy, prompt_id, futures, background)
             for future in futures:

@@ -205,6 +205,15 @@ class Services:
             serve(self.store, version_id, from_version, kind, evidence or {}, actor)
         self.queue.on_version_change(version_id)
 
+    def free_adapters(self) -> list[int]:
+        """Unload the adapters no pair needs any more (rejected candidates, retired versions) from the in-process
+        engine; the ids freed. Under the activation lock: a version being served again is not unloaded meanwhile."""
+        unload = getattr(self.engine, "unload_versions", None)  # vLLM manages its own LoRA cache
+        if unload is None:
+            return []
+        with self._activate_lock:
+            return unload(keep={c["id"] for c in candidates(self.store)})
+
     def follow_serving(self) -> None:
         """Serve what another app process on the same PostgreSQL store activated or promoted (its setting)."""
         saved = self.store.get_setting("active_version")

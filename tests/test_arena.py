@@ -285,3 +285,28 @@ def test_a_reject_changes_only_a_version_still_waiting(store):
     set_status(store, version, "candidate")
     set_status(store, version, "rejected", only_if="candidate")
     assert version_status(store, version) == "rejected"
+
+
+def test_adapters_no_pair_needs_are_unloaded_and_a_busy_one_waits(store, engine, tiny_model_dir, tmp_path):
+    """A rejected candidate's adapter leaves the engine (rounds of training would pile them up), but not while a
+    request of it still runs; the serving version and waiting candidates stay loaded."""
+    from generation.sampling import SamplingParams, VersionNotLoaded
+
+    services = services_for(store, engine)
+    worse, waiting = (add_candidate(store, tiny_model_dir, tmp_path, seed=s) for s in (1, 2))
+    for version in (worse, waiting):
+        engine.load_version(version, store.get_version(version)["adapter_path"])
+    add_battles(store, worse, 0, wins=3, losses=24, ties=3)
+    running = engine.submit([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=400, seed=1), worse)
+    watcher = GateWatcher(services)
+    watcher.check()
+    still_running = not running.done()  # 400 tokens take the tiny model ~1 s; the check takes milliseconds
+    assert version_status(store, worse) == "rejected" and engine.has_version(worse) == still_running
+    running.result(timeout=120)
+    assert services.free_adapters() == ([worse] if still_running else [])  # else the check freed it already
+    assert not engine.has_version(worse) and engine.has_version(waiting) and engine.has_version(0)
+    with pytest.raises(VersionNotLoaded):
+        engine.submit([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=4), worse)
+    assert (
+        engine.submit([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=4), waiting).result(60).text
+    )
