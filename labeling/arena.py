@@ -100,19 +100,25 @@ def judge(source, candidate: int, serving: int, rule: GateRule) -> Verdict:
     return Verdict(int(candidate), int(serving), decision, record, rule)
 
 
-def arena_plan(store, serving: int) -> tuple[dict, list[int]] | None:
+def arena_plan(store, serving: int, skip=frozenset()) -> tuple[dict, list[int]] | None:
     """(the newest candidate whose adapter is on disk, its opponents: the serving version and the base), or None
-    when no candidate waits."""
+    when no candidate waits. `skip`: candidates whose adapter does not load (the pair queue's `broken`)."""
     for candidate in candidates(store):
-        if candidate["id"] != serving and Path(candidate["adapter_path"]).is_dir():
+        if candidate["id"] not in {serving, *skip} and Path(candidate["adapter_path"]).is_dir():
             return candidate, sorted({int(serving), 0})
     return None
 
 
-def current_verdict(store, serving: int, rule: GateRule) -> Verdict | None:
+def current_verdict(store, serving: int, rule: GateRule, skip=frozenset()) -> Verdict | None:
     """The gate's view of the candidate the arena is judging now (None without one)."""
-    plan = arena_plan(store, serving)
+    plan = arena_plan(store, serving, skip)
     return judge(store, plan[0]["id"], serving, rule) if plan else None
+
+
+def best_passing(verdicts: list[Verdict]) -> Verdict | None:
+    """Of the candidates that pass the gate, the one with the highest lower bound (the newest on a tie)."""
+    passing = [v for v in verdicts if v.passed]
+    return max(passing, key=lambda v: (v.record["ci_low"], v.candidate)) if passing else None
 
 
 class GateWatcher:
@@ -150,36 +156,39 @@ class GateWatcher:
             self._wake.clear()
             if self._stopping.is_set():
                 break
-            try:
-                if self.services.store.dialect == "postgres":  # other app processes may promote or activate
-                    self.services.follow_serving()
-                self.check()
-            except Exception as exc:  # the watcher outlives one bad check; the tab shows the error
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                print(f"arena gate: {self.last_error}", file=sys.stderr)
+            steps = [self.check]
+            if self.services.store.dialect == "postgres":  # other app processes may promote or activate
+                steps.insert(0, self.services.follow_serving)
+            for step in steps:  # apart: a version this process cannot serve must not stop the gate
+                try:
+                    step()
+                except Exception as exc:  # the watcher outlives one bad check; the tab shows the error
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    print(f"arena gate: {self.last_error}", file=sys.stderr)
 
     def check(self, force: bool = False) -> list[Verdict]:
-        """Judge every candidate against the serving version (only when the comparisons changed, unless `force`):
-        reject the clearly worse; with auto_promote serve the best passing one. Returns the verdicts."""
-        store = self.services.store
+        """Judge every candidate against the serving version (only when the comparisons, the serving version or the
+        candidates changed since the last check that finished, unless `force`): reject the clearly worse (and
+        retire their pairs); with auto_promote serve the best passing one. Returns the verdicts."""
+        store, services = self.services.store, self.services
         with store.read() as cur:
-            seen = cur.execute("SELECT count(*), max(id) FROM comparisons").fetchone()
+            counted = cur.execute("SELECT count(*), max(id) FROM comparisons").fetchone()
+        waiting = candidates(store)
+        seen = (*counted, services.engine.active_version, tuple(c["id"] for c in waiting))
         if seen == self._seen and not force:
             return []
-        self._seen = seen
-        waiting = candidates(store)
-        if not waiting:
-            self.services.free_adapters()  # of versions retired by a promotion since
-            return []
-        serving = self.services.engine.active_version
-        counts = battle_counts(store)  # one aggregate for every candidate
-        verdicts = [judge(counts, c["id"], serving, self.services.gate) for c in waiting if c["id"] != serving]
-        for verdict in verdicts:
-            if verdict.decision == "reject":
-                set_status(store, verdict.candidate, "rejected", only_if="candidate")  # not one served meanwhile
-        passing = [v for v in verdicts if v.passed]
-        if self.auto_promote and passing:
-            best = max(passing, key=lambda v: (v.record["ci_low"], v.candidate))
-            self.services.promote(best.candidate, actor="auto-promote", auto=True)
-        self.services.free_adapters()
+        verdicts = []
+        with services.version_lock:  # the serving version holds still while the gate decides against it
+            serving = services.engine.active_version
+            counts = battle_counts(store) if waiting else None  # one aggregate for every candidate
+            verdicts = [judge(counts, c["id"], serving, services.gate) for c in waiting if c["id"] != serving]
+            rejected = [v.candidate for v in verdicts if v.decision == "reject"]
+            for version in rejected:
+                set_status(store, version, "rejected", only_if="candidate")  # not one served meanwhile
+            if rejected:
+                services.queue.on_version_change(serving)  # their pairs still waiting are retired
+            if self.auto_promote and (best := best_passing(verdicts)) is not None:
+                services.promote(best.candidate, actor="auto-promote", auto=True)
+        services.free_adapters()  # of rejected candidates and of versions a promotion retired
+        self._seen = seen  # only now: a check that failed runs again
         return verdicts

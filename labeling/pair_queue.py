@@ -19,6 +19,7 @@ import json
 import random
 import secrets
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from datetime import datetime, timedelta
 from generation.sampling import SEED_RANGE, Generation, SamplingParams, VersionNotLoaded
 from labeling.arena import arena_plan
 from labeling.pair_leases import AVAILABLE, LeaseDesk, utc_now
+from labeling.stale_pairs import is_stale, retire_stale, waiting_candidates
 from storage.db import annotator_name
 
 STRATEGIES = ("self", "versions", "endpoint")
@@ -34,6 +36,7 @@ SELF_TEMPERATURES = (0.7, 1.0)  # one cooler, one hotter sample: different enoug
 RESERVED_ROWS = 2  # engine batch rows the refill leaves free, so a typed prompt starts streaming at once
 POLL_SECONDS = 2.0  # the refill thread also looks around this often when nobody wakes it
 ERROR_BACKOFF_SECONDS = 5.0
+STALE_SWEEP_SECONDS = 30.0  # a lease lasts minutes: an out-of-date pair whose lease ran out waits at most this long
 WAKE_COALESCE_SECONDS = 0.1  # short next to a generation (seconds), long next to a lease (milliseconds)
 
 
@@ -82,6 +85,7 @@ class PairQueue:
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
         self.unusable: dict[int, str] = {}  # prompt id -> why no pair can be made from it (never picked again)
+        self.broken: dict[int, str] = {}  # candidate id -> why its adapter does not load (the arena skips it)
 
     # ---- the refill thread ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -102,9 +106,13 @@ class PairQueue:
         self._wake.set()
 
     def _refill_loop(self) -> None:
+        swept = time.monotonic()  # the start-up's on_version_change swept everything
         while not self._stopping.is_set():
             try:
                 self._collect()
+                if time.monotonic() - swept > STALE_SWEEP_SECONDS:  # leases of out-of-date pairs that ran out
+                    swept = time.monotonic()
+                    self.retire_stale(self.engine.active_version, only_expired=True)
                 self._top_up()
             except Exception as exc:  # a bad round must not end the thread; the UI shows the error
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -123,13 +131,10 @@ class PairQueue:
         if wanted <= 0:
             return
         arena = 0
-        if "versions" in self.strategies and self._version_pair() is not None:
-            if "self" not in self.strategies:
-                arena = wanted
-            else:
-                self._arena_credit += wanted * self.arena_share
-                arena = min(wanted, int(self._arena_credit + 1e-9))
-                self._arena_credit -= arena
+        if "versions" in self.strategies and self._version_pair() is not None:  # all of them without 'self'
+            self._arena_credit += wanted * (self.arena_share if "self" in self.strategies else 1)
+            arena = min(wanted, int(self._arena_credit + 1e-9))
+            self._arena_credit -= arena
         arena = len(self._submit("versions", arena)) if arena else 0
         if "endpoint" in self.strategies and wanted > arena:  # a share (all without 'self'), none while it rests
             made = self.endpoint.count(wanted - arena, alone="self" not in self.strategies)
@@ -231,10 +236,10 @@ class PairQueue:
             return None
         gens = [f.result() for f in item.futures]
         with self.store.transaction() as cur:  # the write lock: a version switch's retiring UPDATE waits for it
-            # by the versions the answers came from, under the rule on_version_change applies: a switch while they
+            # by the versions the answers came from (labeling/stale_pairs.py): a switch or a rejection while they
             # were generating (or between the plan and the submit) must not leave an old pair ready
-            active, versions = self.engine.active_version, [g.version for g in gens]
-            stale = versions[0] != active if item.strategy == "self" else active not in versions
+            versions, waiting = [g.version for g in gens], waiting_candidates(cur)
+            stale = is_stale(item.strategy, versions, self.engine.active_version, waiting)
             ids = [self._add_generation(cur, item.prompt_id, g) for g in gens]
             return self._insert_pair(cur, item.prompt_id, item.strategy, ids, "retired" if stale else "ready")
 
@@ -294,32 +299,26 @@ class PairQueue:
     def _version_pair(self) -> tuple[int, list[int]] | None:
         """(candidate, opponents): the newest candidate against the serving version and the base (labeling/arena.py).
         Loads the candidate's adapter into the engine without serving it; None when no candidate waits."""
-        plan = arena_plan(self.store, self.engine.active_version)
-        if plan is None:
-            return None
-        candidate, opponents = plan
-        try:
-            self.engine.load_version(candidate["id"], candidate["adapter_path"])  # the serving one is loaded already
-        except Exception as exc:  # a broken adapter folder: no candidate pairs, but 'self' pairs go on
-            self.last_error = f"candidate version {candidate['id']} cannot be loaded: {exc}"
-            return None
-        return candidate["id"], opponents
+        while (plan := arena_plan(self.store, self.engine.active_version, self.broken)) is not None:
+            candidate, opponents = plan
+            try:
+                self.engine.load_version(candidate["id"], candidate["adapter_path"])  # the serving one is loaded
+                return candidate["id"], opponents
+            except Exception as exc:  # a broken adapter folder: the next candidate, and 'self' pairs go on
+                self.broken[candidate["id"]] = self.last_error = f"v{candidate['id']}'s adapter does not load: {exc}"
+        return None
 
     def on_version_change(self, version_id: int) -> None:
-        """The engine now serves `version_id`. Available 'self' pairs of other versions are retired (ready, or their
-        lease expired; a running lease stays with its annotator), and so are available 'versions' / 'endpoint'
-        pairs without the new version; the refill thread then generates new 'self' pairs from it and, when
-        'versions' is on, candidate pairs (labeling/arena.py)."""
-        with self.store.transaction(lock="pairs") as cur:
-            cur.execute(
-                f"""UPDATE pairs SET status = 'retired' WHERE {AVAILABLE} AND (
-                     (strategy = 'self' AND generation_a IN (SELECT id FROM generations
-                                                              WHERE model_version_id IS DISTINCT FROM ?))
-                  OR (strategy IN ('versions', 'endpoint') AND NOT EXISTS (SELECT 1 FROM generations g
-                      WHERE g.model_version_id = ? AND g.id IN (generation_a, generation_b))))""",
-                [self._now(), version_id, version_id],
-            )
+        """The engine now serves `version_id`, or the candidates changed: the available pairs out of date by
+        labeling/stale_pairs.py are retired (a running lease stays with its annotator); the refill thread then
+        generates new 'self' pairs from it and, when 'versions' is on, candidate pairs (labeling/arena.py)."""
+        self.retire_stale(version_id)
         self.wake()
+
+    def retire_stale(self, serving: int, only_expired: bool = False) -> int:
+        """Retire the out-of-date pairs still available (or only those whose lease ran out since); how many."""
+        with self.store.transaction(lock="pairs") as cur:
+            return retire_stale(cur, serving, self._now(), only_expired)
 
     # ---- leasing and votes (labeling/pair_leases.py batches concurrent callers into shared transactions) ------
     def next_pair(self, annotator: str) -> dict | None:

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labeling.arena import GateRule, judge, model_name
+from labeling.arena import GateRule, best_passing, current_verdict, judge, model_name
 from storage.db import CHOICES, canonical_messages
 from storage.promotions import candidates, serve, version_status
 from storage.ratings import battle_counts, head_to_head
@@ -52,7 +52,9 @@ class Services:
     gate: GateRule = field(default_factory=GateRule)  # the promotion gate (labeling/arena.py)
     arena: object = None  # the GateWatcher, poked after votes
     training_switch: object = None  # labeling/deploy.py TrainingSwitch: off on a CPU Space until an admin allows
-    _activate_lock: threading.Lock = field(default_factory=threading.Lock)
+    # held while the served version changes and while the gate decides on the serving version (re-entrant: the gate
+    # promotes under it)
+    version_lock: threading.RLock = field(default_factory=threading.RLock)
     _streaming: set[str] = field(default_factory=set)  # annotators with an own-prompt stream running
     _streaming_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -153,7 +155,7 @@ class Services:
         """An admin serves a version from now on, without restarting, gate or not: a 'rollback' row when it served
         before, else an 'override' row, each with its record against the version serving until now."""
         version_id = int(version_id)
-        with self._activate_lock:
+        with self.version_lock:
             serving = self.engine.active_version
             if version_id == serving:
                 self._serve(version_id)  # checks its folder and refreshes the queue; no promotion (an adapter
@@ -166,16 +168,24 @@ class Services:
         return f"Version {version_id} is now serving ({kind}); new pairs come from it."
 
     def promote(self, version_id: int | None = None, actor: str | None = None, auto: bool = False) -> str:
-        """Serve a candidate that passes the gate (default: the newest candidate); refused otherwise."""
-        with self._activate_lock:
+        """Serve a candidate that passes the gate (default: the best passing one); refused otherwise."""
+        with self.version_lock:
             serving = self.engine.active_version
             waiting = [c["id"] for c in candidates(self.store) if c["id"] != serving]
             if version_id is None and not waiting:
                 raise UserError("No candidate is waiting: train a policy version first.")
-            version_id = waiting[0] if version_id is None else int(version_id)
-            if version_id not in waiting:
+            if version_id is not None and int(version_id) not in waiting:
                 raise UserError(f"Version {version_id} is not a candidate.")
-            verdict = judge(battle_counts(self.store), version_id, serving, self.gate)
+            counts = battle_counts(self.store)
+            if version_id is None:  # the best that passes, else the one the arena judges now (as the tab shows)
+                verdict = best_passing([judge(counts, c, serving, self.gate) for c in waiting]) or current_verdict(
+                    self.store, serving, self.gate, self.queue.broken
+                )
+                if verdict is None:  # every waiting candidate's adapter is gone or does not load
+                    raise UserError("No candidate can be judged: its adapter is missing or does not load.")
+            else:
+                verdict = judge(counts, int(version_id), serving, self.gate)
+            version_id = verdict.candidate
             if not verdict.passed:
                 raise UserError(f"Not promoted: {verdict.summary()}")
             self._serve(version_id, serving, "auto" if auto else "gate", verdict.evidence(), actor)
@@ -211,21 +221,21 @@ class Services:
         unload = getattr(self.engine, "unload_versions", None)  # vLLM manages its own LoRA cache
         if unload is None:
             return []
-        with self._activate_lock:
+        with self.version_lock:
             return unload(keep={c["id"] for c in candidates(self.store)})
 
     def follow_serving(self) -> None:
         """Serve what another app process on the same PostgreSQL store activated or promoted (its setting)."""
         saved = self.store.get_setting("active_version")
         if saved and saved.isdigit() and int(saved) != self.engine.active_version:
-            with self._activate_lock:
+            with self.version_lock:
                 self._serve(int(saved))
 
     def restore_active_version(self) -> None:
         saved = self.store.get_setting("active_version")
         if saved and saved != "0":
             try:
-                with self._activate_lock:
+                with self.version_lock:
                     self._serve(int(saved))
             except Exception as exc:  # another base (--model changed) or an adapter that no longer loads
                 print(f"warning: serving the base version: saved version {saved} cannot serve: {exc}", file=sys.stderr)

@@ -310,3 +310,55 @@ def test_adapters_no_pair_needs_are_unloaded_and_a_busy_one_waits(store, engine,
     assert (
         engine.submit([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=4), waiting).result(60).text
     )
+
+
+def pair_statuses(store, strategy: str) -> list[str]:
+    with store.read() as cur:
+        sql = "SELECT status FROM pairs WHERE strategy = ? ORDER BY id"
+        return [r[0] for r in cur.execute(sql, [strategy]).fetchall()]
+
+
+def test_arena_pairs_against_the_base_stay_and_a_rejected_candidates_go(store, engine, tiny_model_dir, tmp_path):
+    """With v1 serving, the arena pairs a candidate against v1 and the base: both kinds are stored ready (those
+    against the base used to be stored retired: half the arena's generation thrown away); once the gate rejects the
+    candidate, its pairs still waiting are retired and nobody is given one."""
+    services = services_for(store, engine)
+    serving = add_candidate(store, tiny_model_dir, tmp_path, seed=1)
+    services.activate(serving, actor="root")
+    candidate = add_candidate(store, tiny_model_dir, tmp_path, seed=2, parent=serving)
+    assert services.queue.generate_pairs(8, "versions") == 8
+    assert {frozenset(p) for p in version_pairs(store)} == {frozenset({candidate, serving}), frozenset({candidate, 0})}
+    assert pair_statuses(store, "versions") == ["ready"] * 8
+
+    add_battles(store, candidate, serving, wins=2, losses=26, ties=2)
+    (verdict,) = GateWatcher(services).check()
+    assert verdict.decision == "reject"
+    assert pair_statuses(store, "versions") == ["retired"] * 8
+    given = [services.next_pair(f"judge{i}") for i in range(3)]
+    assert all(pair is None or pair["strategy"] != "versions" for pair in given)
+
+
+def test_the_gate_checks_again_when_only_the_serving_version_changed(store, engine, tiny_model_dir, tmp_path):
+    """A candidate waits against v1 (no battles) but clearly beats the base: a rollback to the base alone (no new
+    comparison) must bring a new check, which promotes it."""
+    services = services_for(store, engine)
+    first = add_candidate(store, tiny_model_dir, tmp_path, seed=1)
+    services.activate(first, actor="root")
+    candidate = add_candidate(store, tiny_model_dir, tmp_path, seed=2, parent=first)
+    add_battles(store, candidate, 0, wins=27, losses=1, ties=2)
+    watcher = GateWatcher(services, auto_promote=True)
+    (verdict,) = watcher.check()
+    assert verdict.decision == "wait" and engine.active_version == first
+    services.activate(0, actor="root")
+    assert watcher.check() and engine.active_version == candidate
+
+
+def test_promote_without_a_version_serves_the_one_that_passes_not_the_newest(store, engine, tiny_model_dir, tmp_path):
+    services = services_for(store, engine)
+    passing = add_candidate(store, tiny_model_dir, tmp_path, seed=1)
+    add_battles(store, passing, 0, wins=27, losses=1, ties=2)
+    newest = add_candidate(store, tiny_model_dir, tmp_path, seed=2)  # no battles yet: the arena judges it now
+    assert "Version" in services.promote(actor="root") and engine.active_version == passing
+    assert version_status(store, newest) == "candidate"
+    with pytest.raises(UserError, match=f"v{newest} has no battles"):
+        services.promote(actor="root")  # nothing passes now: the arena's current candidate says why

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 
 from generation.engine import GenerationEngine
 from generation.sampling import SamplingParams
+from labeling.pair_leases import utc_now
 from labeling.pair_queue import PairQueue
 from storage.db import Store
 from tests.test_engine import make_adapter
@@ -251,8 +252,9 @@ def test_versions_strategy_pairs_new_adapter_with_its_parent(store, engine, tiny
     store.add_version(base_model=str(tiny_model_dir), adapter_path=str(broken), parent_id=0)
     queue._in_flight.clear()
     queue._top_up()  # raised, every round: no pair of any strategy was made again
-    assert queue._in_flight and all(item.strategy == "self" for item in queue._in_flight)
-    assert "cannot be loaded" in queue.last_error
+    assert queue._in_flight and "does not load" in queue.last_error
+    assert queue._version_pair() == (version, [0])  # the arena goes on with the older candidate, not stuck on v2
+    assert list(queue.broken) == [version + 1]
 
 
 def test_a_new_version_retires_old_self_pairs(store, engine, tiny_model_dir, tmp_path):
@@ -368,3 +370,22 @@ def test_answers_cut_at_the_token_limit_are_marked_on_the_page_and_in_the_export
     export(store, "raw", out)
     row = json.loads(out.read_text().splitlines()[0])
     assert row["truncated_a"] is True and row["truncated_b"] is True
+
+
+def test_an_old_pair_whose_lease_ran_out_after_a_version_change_is_retired(store, engine, tiny_model_dir, tmp_path):
+    """A version switch leaves a running lease with its annotator; when that lease runs out the pair (of the old
+    version) must not go to someone else: the refill's sweep retires it."""
+    queue = PairQueue(store, engine, params=QUICK)
+    queue.generate_pairs(2)
+    held = queue.next_pair("alice")
+    adapter = make_adapter(tiny_model_dir, tmp_path / "v1")
+    version = store.add_version(base_model="tiny", adapter_path=str(adapter), parent_id=0)
+    engine.load_version(version, adapter)
+    engine.set_active(version)
+    queue.on_version_change(version)
+    statuses = dict(rows(store, "SELECT id, status FROM pairs"))
+    assert statuses[held["pair_id"]] == "leased" and sorted(statuses.values()) == ["leased", "retired"]
+    store.write(lambda c: c.execute("UPDATE pairs SET lease_expires = ? WHERE id = ?",
+                                    [utc_now() - timedelta(seconds=1), held["pair_id"]]))  # fmt: skip
+    assert queue.retire_stale(version, only_expired=True) == 1
+    assert queue.next_pair("bob") is None
