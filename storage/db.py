@@ -38,6 +38,7 @@ def default_db_path() -> str:
 
 
 CLOSE_TRIES = 500  # × 10 ms: how long close() waits for another thread's query on the store
+OWN_WINDOW = 100_000  # ids: a person's own recent judgements are looked for among the newest this many (cheap at 1M)
 COMPARISON_COLUMNS = ("pair_id", "prompt_id", "generation_a", "generation_b", "annotator", "choice", "rationale",
                       "edited_answer", "time_spent_s", "source", "supersedes", "dedupe_key")  # fmt: skip
 
@@ -328,16 +329,18 @@ class Store:
 
         return stats(self)
 
-    def recent_comparisons(self, limit: int = 50) -> list[dict]:
-        """The newest effective comparisons with their texts. Ids grow, so they are looked for among the newest rows
-        first (a window that widens tenfold until it holds `limit` or everything), never by sorting the table."""
-        limit, span = int(limit), max(20 * int(limit), 1000)
+    def recent_comparisons(self, limit: int = 50, annotator: str | None = None) -> list[dict]:
+        """The newest effective comparisons (of `annotator` only, when given: among the newest OWN_WINDOW) with
+        their texts. Ids grow, so they are looked for among the newest rows first (a window that widens tenfold
+        until it holds `limit` or everything), never by sorting the table."""
+        limit, span, mine = int(limit), max(20 * int(limit), 1000), annotator is not None
         with self.read() as cur:
             high = cur.execute("SELECT coalesce(max(id), 0) FROM comparisons").fetchone()[0]
             while True:
-                sql = "SELECT id FROM effective_comparisons WHERE id > ? ORDER BY id DESC LIMIT ?"
-                ids = [row[0] for row in cur.execute(sql, [high - span, limit]).fetchall()]
-                if len(ids) >= limit or high - span <= 0:
+                sql = "SELECT id FROM effective_comparisons WHERE id > ? AND (? OR annotator = ?) ORDER BY id DESC "
+                sql += "LIMIT ?"
+                ids = [row[0] for row in cur.execute(sql, [high - span, not mine, annotator, limit]).fetchall()]
+                if len(ids) >= limit or high - span <= 0 or (mine and span >= OWN_WINDOW):
                     break
                 span *= 10
         return self._dicts(

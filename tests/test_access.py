@@ -139,5 +139,5 @@ def test_the_leaderboard_timer_checks_the_caller_before_it_reads_the_store():
 
     handlers = LeaderboardHandlers(None, Access(local=False, oauth=True))
     anonymous = SimpleNamespace(username=None, session={})
-    assert handlers.refresh_if_changed(anonymous) == [gr.skip()] * 8
+    assert handlers.refresh_if_changed(None, anonymous) == [gr.skip()] * 9
     assert "Log in first" in handlers.refresh(anonymous)[0]

@@ -34,7 +34,7 @@ def test_the_tabs_work_on_postgres(pg_server, tmp_path, tiny_model_dir, monkeypa
         assert dict(zip(per_choice["choice"], per_choice["count"], strict=True)) == {"A": 2, "both_bad": 1}
         assert sorted(recent["annotator"]) == ["ann", "ann", "cy"]
 
-        overview = TrainHandlers(services, access).overview(None, None, None)
+        overview = TrainHandlers(services, access).overview(None, None, None, None)
         assert overview[0].startswith("**2** usable preference pairs")  # ann's two A votes
 
         board = LeaderboardHandlers(services, access).refresh(None)

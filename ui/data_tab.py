@@ -1,12 +1,14 @@
 """The Data tab: stats, recent comparisons, import with the CLI's importer, export downloads.
 
-Reading counts needs the `read` role; the recent comparisons show everyone's rationales and edits only to
-admins (others see their own); import and export are admin actions, checked in the handler.
+Reading counts needs the `read` role. Admins see every annotator's counts and judgements; anyone else sees the
+totals and their own (another person's name, choices, rationale or typed prompt are theirs). Import and export are
+admin actions, checked in the handler.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +27,6 @@ EXPORT_PREFIX = "prefloop-export-"  # each export's temp folder
 EXPORT_KEEP_S = 3600  # an export stays downloadable an hour (as Gradio's cached copy: ui/app.py delete_cache)
 IMPORT_FORMATS = ["auto", "txt", "csv", "prompts", "trl", "hh", "ultrafeedback", "arena", "shp"]
 RECENT_COLUMNS = ["id", "created_at", "annotator", "choice", "prompt", "answer_a", "answer_b", "rationale", "edited"]
-PRIVATE_COLUMNS = ("rationale", "edited", "edited_answer")  # another person's words: admins only
 
 
 def build_data_tab(services: Services, access: Access, demo: gr.Blocks, upload_max_rows: int) -> None:
@@ -77,27 +78,25 @@ class DataHandlers:
             who = self.access.require(request, "read")
         except AccessDenied:
             return None, None, None, "", None
-        stats = self.services.store.stats()
+        stats, own = self.services.store.stats(), None if who.may("see_all") else (who.name or "")
+        per_annotator = stats.get("per_annotator", {})
         return (
             _table(stats.get("per_choice", {}), "choice"),
-            _table(stats.get("per_annotator", {}), "annotator"),
+            _table(
+                per_annotator if own is None else {k: v for k, v in per_annotator.items() if k == own}, "annotator"
+            ),
             _table(stats.get("per_model_version", {}), "version"),
             f"**{stats.get('prompts', 0)}** prompts · **{stats.get('generations', 0)}** generations · "
             f"**{stats.get('comparisons', 0)}** comparisons",
-            self.recent(None if who.may("see_all") else (who.name or "")),
+            self.recent(own),
         )
 
     def recent(self, only_own_of: str | None) -> pd.DataFrame:
-        """The last 50 comparisons; for non-admins their rationale/edit columns are blank except on their own."""
-        rows = self.services.store.recent_comparisons(50)
+        """The last 50 comparisons (only `only_own_of`'s, when given; none for a caller without a name)."""
+        rows = self.services.store.recent_comparisons(50, only_own_of) if only_own_of != "" else []
         frame = pd.DataFrame(rows)
         if frame.empty:
             return pd.DataFrame(columns=RECENT_COLUMNS)
-        if only_own_of is not None:
-            others = frame["annotator"] != only_own_of if only_own_of else frame.index >= 0
-            for column in PRIVATE_COLUMNS:
-                if column in frame:
-                    frame.loc[others, column] = None
         scores = self.services.reward_scores([r.get("id") for r in rows])
         if scores:
             frame["reward_a"] = [scores.get(r.get("id"), (None, None))[0] for r in rows]
@@ -130,21 +129,22 @@ class DataHandlers:
         if fmt not in EXPORT_FORMATS or ext not in (".jsonl", ".parquet"):
             return None, "⚠️ Unknown export format."
         prune_exports(EXPORT_KEEP_S)
-        out = Path(tempfile.mkdtemp(prefix=EXPORT_PREFIX)) / f"prefloop-{fmt}{ext}"
+        folder = Path(tempfile.mkdtemp(prefix=EXPORT_PREFIX))
+        out = folder / f"prefloop-{fmt}{ext}"
         try:
             rows = export(self.services.store, fmt, out)
         except ValueError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
             return None, f"⚠️ Export failed: {exc}"
         if rows == 0:
+            shutil.rmtree(folder, ignore_errors=True)
             return None, f"Nothing to export as {fmt} yet: it needs judged pairs (A/B votes or edited answers)."
-        return str(out), f"✓ {rows} rows in {out.name}."
+        return str(out), f"✓ {rows} rows in {out.name}."  # Gradio serves a copy; this folder goes at a later prune
 
 
 def prune_exports(older_than_s: float) -> int:
     """Delete the export folders this app left in the temp folder more than `older_than_s` ago (each export is a
     whole copy of the judgements; Gradio serves its own cached copy, which build_app's delete_cache expires)."""
-    import shutil
-
     cutoff, removed = time.time() - older_than_s, 0
     for folder in Path(tempfile.gettempdir()).glob(f"{EXPORT_PREFIX}*"):
         with contextlib.suppress(OSError):  # another app process may be pruning the same one

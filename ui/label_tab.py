@@ -86,7 +86,7 @@ def build_label_tab(services: Services, access: Access, demo: gr.Blocks) -> None
     vote_in = [who, view.pair, view.shown_at, view.rationale, view.edited]
     for choice, button in buttons.items():
         button.click(handlers.cast(choice), vote_in, shown, concurrency_limit=None, **private)
-    undo_btn.click(handlers.undo, [who], shown, **private)
+    undo_btn.click(handlers.undo, [who, view.pair], shown, **private)
     from_a.click(handlers.start_from("answer_a"), [who, view.pair], [view.edited], **private)
     from_b.click(handlers.start_from("answer_b"), [who, view.pair], [view.edited], **private)
     gr.Timer(2.0).tick(handlers.poll, [who, view.pair], shown, **private)  # fills an empty page when pairs arrive
@@ -145,8 +145,11 @@ class LabelHandlers:
         skip = [gr.skip()] * 8
         try:
             name = self.access.annotator(request, None) or self.access.annotator(request, (stored or "").strip())
+            name = self.services.annotator_name(name) if name else name
         except AccessDenied as exc:
             return "", gr.update(visible=False), *skip, f"⚠️ {exc}"
+        except UserError as exc:  # a stored or login name the store refuses: say why (typing another may work)
+            return "", gr.update(visible=not self.access.logins), *skip, f"⚠️ {exc}"
         if not name:
             return "", gr.update(visible=True), *skip, ""
         return name, gr.update(visible=False), *self.show(name), f"Labeling as **{name}**."
@@ -175,8 +178,10 @@ class LabelHandlers:
 
         return handler
 
-    def undo(self, name: str, request: gr.Request) -> tuple:
+    def undo(self, name: str, current: str, request: gr.Request) -> tuple:
         """Undo the latest vote or skip; the pair it was about is shown again at once to judge anew."""
+        if current == STREAMING:  # its answers would be drawn over the pair undo shows
+            return *([gr.skip()] * 8), "⚠️ Your own prompt is being answered: undo when it is ready."
         try:
             name = self.access.annotator(request, name)
             undone = self.services.undo(name)
@@ -215,10 +220,14 @@ class LabelHandlers:
             yield *skip, f"⚠️ {exc}"
             return
         text_a = text_b = ""
-        with stream:  # leaving early (the browser went away) cancels both sides in the engine
-            yield STREAMING, 0.0, render_messages(messages), "", "", "", "", gr.skip(), "Both sides are answering…"
-            for text_a, text_b in stream:
-                yield *skip[:3], render_text(text_a), render_text(text_b), *skip[5:], gr.skip()
+        try:
+            with stream:  # leaving early (the browser went away) cancels both sides in the engine
+                yield STREAMING, 0.0, render_messages(messages), "", "", "", "", gr.skip(), "Both sides are answering…"
+                for text_a, text_b in stream:
+                    yield *skip[:3], render_text(text_a), render_text(text_b), *skip[5:], gr.skip()
+        except Exception as exc:  # the engine failed or the pair could not be stored: the page must not stay stuck
+            yield *self.show(name), f"⚠️ Your prompt could not be answered: {_plain(str(exc))}"
+            return
         answers = render_text(text_a), render_text(text_b)
         ready = str(stream.pair["pair_id"])
         yield ready, time.time(), render_messages(messages), *answers, "", "", gr.skip(), "Your pair is ready: vote."

@@ -58,19 +58,21 @@ def build_leaderboard_tab(services: Services, access: Access, demo: gr.Blocks) -
     versions = gr.Dataframe(label="Versions: lineage and ratings", interactive=False, elem_id="lineage-table")
     history = gr.Dataframe(label="Promotions, overrides and rollbacks", interactive=False, elem_id="promotions-table")
 
-    outputs, private = [summary, plot, table, heatmap, battles, gate, versions, history], {"api_visibility": "private"}
+    seen = gr.State(None)  # the store's state this page shows: the timer sends nothing while it holds
+    outputs = [summary, plot, table, heatmap, battles, gate, versions, history, seen]
+    private = {"api_visibility": "private"}
     refresh.click(handlers.refresh, None, outputs, **private)
     promote.click(handlers.promote, None, [message, *outputs], **private)
     demo.load(handlers.refresh, None, outputs, **private)
     demo.load(handlers.admin_visible, None, [admin_row], **private)
-    gr.Timer(REFRESH_SECONDS).tick(handlers.refresh_if_changed, None, outputs, **private)
+    gr.Timer(REFRESH_SECONDS).tick(handlers.refresh_if_changed, [seen], outputs, **private)
 
 
 class LeaderboardHandlers:
     def __init__(self, services: Services, access: Access):
         self.services, self.access = services, access
         self._lock = threading.Lock()
-        self._cache: tuple | None = None  # (state, outputs)
+        self._cache: tuple | None = None  # (state, figures): computed once for every page showing that state
 
     def admin_visible(self, request: gr.Request):
         return gr.update(visible=self.access.caller(request).may("serve"))
@@ -79,22 +81,24 @@ class LeaderboardHandlers:
         try:
             self.access.require(request, "read")
         except AccessDenied as exc:
-            return f"⚠️ {exc}", *([None] * 4), "", None, None
-        state = self._state()
-        with self._lock:
-            if self._cache is None or self._cache[0] != state:
-                self._cache = (state, self._figures())
-            return self._cache[1]
+            return f"⚠️ {exc}", *([None] * 4), "", None, None, None
+        return self._shown(self._state())
 
-    def refresh_if_changed(self, request: gr.Request):
-        """The timer's refresh: nothing is sent when nothing changed since this server last computed."""
+    def refresh_if_changed(self, seen, request: gr.Request):
+        """The timer's refresh: nothing is sent while the store's state is the one this page shows (`seen`)."""
         try:
             self.access.require(request, "read")  # first: the state is queries, and whether it changed is news
         except AccessDenied:
-            return [gr.skip()] * 8
-        if self._cache is not None and self._cache[0] == self._state():
-            return [gr.skip()] * 8
-        return self.refresh(request)
+            return [gr.skip()] * 9
+        state = self._state()
+        return [gr.skip()] * 9 if state == seen else self._shown(state)
+
+    def _shown(self, state: tuple) -> tuple:
+        """The figures of `state` (computed once for all pages) and the state, for the page to keep."""
+        with self._lock:
+            if self._cache is None or self._cache[0] != state:
+                self._cache = (state, self._figures())
+            return *self._cache[1], state
 
     def promote(self, request: gr.Request):
         try:
@@ -112,17 +116,24 @@ class LeaderboardHandlers:
             versions = cur.execute(
                 "SELECT string_agg(id || ':' || coalesce(status, ''), ',' ORDER BY id) FROM model_versions"
             ).fetchone()
-        return (*counts, promoted, *versions, self.services.engine.active_version)
+        broken = tuple(getattr(self.services.queue, "broken", {}))  # a candidate found not to load changes the text
+        return (*counts, promoted, *versions, self.services.engine.active_version, broken)
 
     def _figures(self) -> tuple:
         store, serving = self.services.store, self.services.engine.active_version
         counts = battle_counts(store)
         board = leaderboard(counts, bootstrap=BOOTSTRAP)
         ratings = {row["model"]: row for row in board}
-        verdict = current_verdict(store, serving, self.services.gate)
-        gate = (verdict.summary() if verdict else "No candidate is waiting: a finished policy run makes one.") + (
-            f"\n\nGate: at least {self.services.gate.min_battles} battles against the serving version and a "
-            f"{self.services.gate.confidence:.0%} CI of the win-rate above 50 %; serving **{model_name(serving)}**."
+        broken = getattr(self.services.queue, "broken", {})  # candidates whose adapter does not load
+        verdict = current_verdict(store, serving, self.services.gate, broken)
+        rule = self.services.gate
+        gate = "\n\n".join(
+            [verdict.summary() if verdict else "No candidate is waiting: a finished policy run makes one."]
+            + [f"⚠️ Not judged: {why}" for why in broken.values()]
+            + [
+                f"Gate: at least {rule.min_battles} battles against the serving version and a {rule.confidence:.0%} "
+                f"CI of the win-rate above 50 %; serving **{model_name(serving)}**."
+            ]  # fmt: skip
         )
         return (
             _summary(board, counts),

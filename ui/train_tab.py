@@ -18,6 +18,7 @@ from training.runner import RunRejected
 from ui.train_settings import FIELDS, METHODS, parse_settings, submit
 
 ENDED = ("succeeded", "failed", "cancelled")
+KEEP = object()  # TrainHandlers.overview: leave the reward model's pick as the page has it
 PLOT_POINTS = 500  # progress steps plotted per run at most (a long run is thinned evenly)
 BASIC = ("max_steps", "learning_rate", "beta")
 ADVANCED_ROWS = (
@@ -73,9 +74,10 @@ def build_train_tab(services: Services, access: Access, demo: gr.Blocks) -> None
     handlers.form = {"method": method, "parent": parent, **fields, "reward_model": reward_model}
     private, over_out = {"api_visibility": "private"}, over.outputs()
     start.click(handlers.launch, set(handlers.form.values()), [message, *over_out], **private)
-    gr.Timer(1.0).tick(handlers.watch, [run_pick], watch_out, **private)  # live view of the picked run
-    gr.Timer(5.0).tick(handlers.overview, [run_pick, over.newest_seen], over_out, **private)
-    run_pick.change(handlers.watch, [run_pick], watch_out, **private)
+    shown = gr.State(None)  # what the run view shows: the timer sends nothing while the run is unchanged
+    gr.Timer(1.0).tick(handlers.watch, [run_pick, shown], [*watch_out, shown], **private)  # the picked run, live
+    gr.Timer(5.0).tick(handlers.overview, [run_pick, over.newest_seen, reward_model], over_out, **private)
+    run_pick.change(handlers.watch, [run_pick], [*watch_out, shown], **private)
     watch_out[6].click(handlers.cancel, [run_pick], [message], **private)
     watch_out[7].click(handlers.activate_run, [run_pick], [message, *over_out], **private)
     version_btn.click(handlers.serve_version, [version_pick, run_pick], [message, *over_out], **private)
@@ -119,8 +121,9 @@ class TrainHandlers:
         self.services, self.access = services, access
         self.form: dict[str, gr.components.Component] = {}  # the Train form's inputs by setting name
 
-    def overview(self, picked=None, newest_seen=None, request: gr.Request = None):
-        """Counts, versions and runs; the run picker follows the newest run unless you picked an older one."""
+    def overview(self, picked=None, newest_seen=None, reward_picked=None, request: gr.Request = None):
+        """Counts, versions and runs; the run picker follows the newest run unless you picked an older one, and the
+        PPO reward model stays the one picked (the newest when none is, or the picked one is gone)."""
         if not self.access.caller(request).may("train"):
             return ["Training is for admins."] + [gr.skip()] * 6
         services = self.services
@@ -131,11 +134,17 @@ class TrainHandlers:
         run_choices = [(f"#{r['id']} {r['method']} — {r['status']}", r["id"]) for r in services.runner.runs()]
         newest = run_choices[0][1] if run_choices else None
         follow = picked is None or (newest_seen is not None and newest != newest_seen)
+        if reward_picked is KEEP:  # a handler without the dropdown among its inputs: only the choices change
+            reward = gr.update(choices=reward_choices)
+        elif reward_picked in [path for _, path in reward_choices]:
+            reward = gr.update(choices=reward_choices, value=reward_picked)
+        else:
+            reward = gr.update(choices=reward_choices, value=reward_choices[-1][1] if reward_choices else None)
         return (
             f"**{services.runner.usable_pairs()}** usable preference pairs (A/B votes and edited answers) · "
             f"serving **v{active}**",
             gr.update(choices=choices),
-            gr.update(choices=reward_choices, value=reward_choices[-1][1] if reward_choices else None),
+            reward,
             gr.update(choices=run_choices, value=newest if follow else picked),
             _versions_table(policies + rewards, active),
             gr.update(choices=choices),
@@ -144,6 +153,7 @@ class TrainHandlers:
 
     def launch(self, values: dict, request: gr.Request):
         """Validate and queue a run from the form (a dict by component); empty fields keep the method's defaults."""
+        reward = values.get(self.form["reward_model"])
         try:
             self.access.require(request, "train")
             if blocked := _training_blocked(self.services):
@@ -153,9 +163,11 @@ class TrainHandlers:
             parent_id = self.services.engine.active_version if parent_id in (None, "") else int(parent_id)
             run_id = submit(self.services.runner, METHODS[kind], parse_settings(form), parent_id)
         except (RunRejected, UserError, AccessDenied, KeyError, ValueError) as exc:
-            return f"⚠️ Not started: {exc}", *self.overview(request=request)
+            return f"⚠️ Not started: {exc}", *self.overview(reward_picked=reward, request=request)
         why = self.services.runner.status(run_id).message  # Auto says which method it chose, and why
-        return f"✓ Run #{run_id} started.{' ' + why if why else ''}", *self.overview(request=request)
+        return f"✓ Run #{run_id} started.{' ' + why if why else ''}", *self.overview(
+            reward_picked=reward, request=request
+        )
 
     def training_state(self, request: gr.Request = None):
         """The CPU Space notice and the toggle's state (on when an admin or PREFLOOP_ALLOW_TRAINING allowed it)."""
@@ -173,8 +185,10 @@ class TrainHandlers:
         self.services.training_switch.set_allowed(bool(on))
         return self.training_state(request)
 
-    def watch(self, run_id, request: gr.Request):
-        hidden = ("", None, None, None, None, "", gr.update(visible=False), gr.update(visible=False))
+    def watch(self, run_id, shown=None, request: gr.Request = None):
+        """The picked run's view, and what it shows (`shown`: nothing is sent while that is unchanged; a finished
+        run's plots were sent again every second)."""
+        hidden = ("", None, None, None, None, "", gr.update(visible=False), gr.update(visible=False), None)
         if run_id is None or not self.access.caller(request).may("train"):
             return hidden
         try:
@@ -183,6 +197,9 @@ class TrainHandlers:
             return hidden
         if status is None:
             return hidden
+        now = (int(run_id), status.status, len(status.progress), status.log_tail, status.error, bool(status.metrics))
+        if now == shown:
+            return [gr.skip()] * 9
         ended = status.status in ENDED
         can_activate = status.status == "succeeded" and status.method != "reward"  # every other method: a policy
         return (
@@ -194,6 +211,7 @@ class TrainHandlers:
             (status.error or status.log_tail) if (ended or status.log_tail) else "",
             gr.update(visible=not ended),
             gr.update(visible=can_activate),
+            now,
         )
 
     def cancel(self, run_id, request: gr.Request) -> str:
@@ -212,17 +230,17 @@ class TrainHandlers:
             if not status or status.result_version is None:
                 raise UserError("This run has no model version to activate.")
             done = self.services.activate(status.result_version, actor=who.name or "admin")  # an override row
-            return done, *self.overview(run_id, request=request)
+            return done, *self.overview(run_id, reward_picked=KEEP, request=request)
         except (UserError, AccessDenied, ValueError) as exc:
-            return f"⚠️ {exc}", *self.overview(run_id, request=request)
+            return f"⚠️ {exc}", *self.overview(run_id, reward_picked=KEEP, request=request)
 
     def serve_version(self, version_id, picked, request: gr.Request):
         try:
             who = self.access.require(request, "serve")
             done = self.services.activate(int(version_id), actor=who.name or "admin")  # override or rollback row
-            return done, *self.overview(picked, request=request)
+            return done, *self.overview(picked, reward_picked=KEEP, request=request)
         except (UserError, AccessDenied, TypeError, ValueError) as exc:
-            return f"⚠️ {exc}", *self.overview(picked, request=request)
+            return f"⚠️ {exc}", *self.overview(picked, reward_picked=KEEP, request=request)
 
 
 def _training_switch(services: Services, handlers: TrainHandlers, demo: gr.Blocks) -> None:
