@@ -181,6 +181,17 @@ def test_a_run_is_registered_once_however_often_it_is_recorded(store, tmp_path):
         assert cur.execute("SELECT count(*) FROM model_versions WHERE run_id = 7").fetchone()[0] == 1
 
 
+def test_a_version_keeps_the_base_model_its_run_trained_on(store, tmp_path):
+    """A run that ends around a restart with another --model is recorded by a runner on that other model: the
+    version must name the base it was trained on, or its adapter is later loaded onto the wrong base."""
+    from training.registry import register_version
+
+    row = {"id": 8, "run_dir": str(tmp_path), "config": json.dumps({"config": {"base_model": "model-a"}}),
+           "method": "dpo", "parent_version": 0}  # fmt: skip
+    version = register_version(store, "model-b", row, {})
+    assert store.get_version(version)["base_model"] == "model-a"
+
+
 def test_a_run_cancelled_while_the_queue_starts_it_never_starts(store, tmp_path, tiny_model_dir):
     """Two app processes on PostgreSQL: one cancels a queued run while the other, which runs the queue, is starting
     it. The start claimed nothing and overwrote 'cancelled' with 'running'; now it only starts a run still queued."""

@@ -10,19 +10,21 @@ from training.run_folder import read_json
 
 def register_version(store, base_model: str, row: dict, metrics: dict) -> int:
     """The run's version, registered once: recording a run again (its end could not be written the first time)
-    finds the version it registered then."""
+    finds the version it registered then. Its base model is the one the run trained on (its config), not the app's
+    `base_model` now: a run recorded after a restart with another --model must not be taken for that model's."""
     with store.read() as cur:
         known = cur.execute("SELECT min(id) FROM model_versions WHERE run_id = ?", [row["id"]]).fetchone()[0]
     if known is not None:
         return int(known)
-    run_dir = Path(row["run_dir"])
+    run_dir, config = Path(row["run_dir"]), json.loads(row["config"] or "{}").get("config", {})
+    base_model = config.get("base_model") or base_model
     trained_on = read_json(run_dir / "trained_on.json") or []
     common = {"base_model": base_model, "parent_id": row["parent_version"], "run_id": row["id"], "metrics": metrics,
               "trained_on": trained_on}  # fmt: skip
     if row["method"] == "reward":
         folder, notes = "reward_model", f"reward model from run {row['id']}"
         return store.add_version(kind="reward", adapter_path=str(run_dir / folder), notes=notes, **common)
-    reward_model = json.loads(row["config"] or "{}").get("config", {}).get("reward_model_version")  # PPO's
+    reward_model = config.get("reward_model_version")  # PPO's
     return store.add_version(
         kind="policy",
         adapter_path=str(run_dir / "adapter"),
