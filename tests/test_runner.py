@@ -205,3 +205,18 @@ def test_a_run_cancelled_while_the_queue_starts_it_never_starts(store, tmp_path,
         cur.execute("UPDATE training_runs SET status = 'cancelled' WHERE id = ?", [run_id])
     assert runner._launch(row) is False and run_id not in runner._children
     assert runner.status(run_id).status == "cancelled"
+
+
+def test_a_reward_run_whose_scores_cannot_be_saved_still_succeeds(store, tmp_path):
+    """The reward model is registered before its score file is read: a bad score file used to mark the run failed
+    while its version stayed registered."""
+    runner = JobRunner(store, runs_dir=tmp_path / "runs", base_model="tiny")
+    run_id = runner._insert_run("reward", 0, 10)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "scores.jsonl").write_text("not json\n")
+    runner._set(run_id, run_dir=str(run_dir), config="{}")
+    runner._finish(runner._rows("id = ?", [run_id])[0], {"status": "succeeded", "metrics": {}}, 0)
+    status = runner.status(run_id)
+    assert status.status == "succeeded" and status.result_version is not None
+    assert "scores of the stored answers were not saved" in status.error

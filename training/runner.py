@@ -273,7 +273,10 @@ class JobRunner:
             error = f"{reason}\n{LOG_HEADER}\n{log_tail(row['run_dir'])}"
         version = register_version(self.store, self.base_model, row, metrics) if status == "succeeded" else None
         if version is not None and row["method"] == "reward" and (Path(row["run_dir"]) / "scores.jsonl").is_file():
-            save_scores(self.store, version, load_score_file(Path(row["run_dir"]) / "scores.jsonl"))
+            try:  # the reward model is registered and fine: a bad score file must not mark its run failed
+                save_scores(self.store, version, load_score_file(Path(row["run_dir"]) / "scores.jsonl"))
+            except Exception as exc:
+                error = f"the reward model is ready, but its scores of the stored answers were not saved: {exc!r}"
         self._set(row["id"], status=status, metrics=json.dumps(metrics), error=error, result_version=version, end=True)
         meta = json.loads(row["config"] or "{}")
         if status == "succeeded" and meta.get("chain") and row["method"] == "reward":
