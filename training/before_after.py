@@ -41,24 +41,31 @@ def heldout_prompts(train_rows: list[dict], limit: int, path: str | Path = HELDO
     return chosen[:limit]
 
 
-def run_before_after(cfg, adapter_dir: Path, train_rows: list[dict]) -> dict:
+def run_before_after(cfg, adapter_dir: Path, train_rows: list[dict], cancel=None) -> dict | None:
     """The panel for a finished run: held-out prompts (none of `train_rows`' prompts) answered by the parent
-    (cfg.init_adapter, or the base) and the new adapter; also written to RUN_DIR/before_after.json."""
+    (cfg.init_adapter, or the base) and the new adapter; also written to RUN_DIR/before_after.json.
+    None (and no file) when the `cancel` event is set meanwhile: sampling stops within a token."""
     from training.files import write_json
 
     started = time.monotonic()
     prompts = heldout_prompts(train_rows, cfg.before_after_prompts)
-    result = before_after(cfg, adapter_dir, cfg.init_adapter, prompts, cfg.seed)
+    print(f"before/after: {len(prompts)} held-out prompts", flush=True)
+    result = before_after(cfg, adapter_dir, cfg.init_adapter, prompts, cfg.seed, cancel)
+    if result is None:
+        return None
     result["seconds"] = round(time.monotonic() - started, 1)
     write_json(Path(cfg.out) / "before_after.json", result)
     return result
 
 
-def before_after(cfg, new_adapter_dir, parent_adapter_dir, prompts: list[list[dict]], seed: int) -> dict:
+def before_after(
+    cfg, new_adapter_dir, parent_adapter_dir, prompts: list[list[dict]], seed: int, cancel=None
+) -> dict | None:
     """{"samples": [{"prompt", "parent", "new"}], "parent_mean_words", "new_mean_words", "kl_to_parent"}.
 
     cfg supplies base_model, model_cache, before_after_max_new_tokens and before_after_temperature.
     The parent is `parent_adapter_dir` or, when None, the base model (adapters disabled).
+    `cancel` (a threading.Event, SIGTERM sets it): once set, generation stops at the next token and this returns None.
     """
     if not prompts:
         return {"samples": [], "parent_mean_words": None, "new_mean_words": None, "kl_to_parent": None}
@@ -81,15 +88,18 @@ def before_after(cfg, new_adapter_dir, parent_adapter_dir, prompts: list[list[di
     batch = tokenizer.apply_chat_template(
         prompts, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
     ).to(device)
-    with torch.inference_mode():
-        with _as_version(model, "parent", has_parent):
-            parent_ids = _sample(model, tokenizer, batch, seed, temperature, max_new)
-        with _as_version(model, "new", has_parent):
-            new_ids = _sample(model, tokenizer, batch, seed, temperature, max_new)
-            kl_ids = _sample(model, tokenizer, batch, seed + 1, 1.0, max_new)  # plain samples of the new policy
-            logp_new = _answer_logprobs(model, batch, kl_ids)
-        with _as_version(model, "parent", has_parent):
-            logp_parent = _answer_logprobs(model, batch, kl_ids)
+    try:
+        with torch.inference_mode():
+            with _as_version(model, "parent", has_parent):
+                parent_ids = _sample(model, tokenizer, batch, seed, temperature, max_new, cancel)
+            with _as_version(model, "new", has_parent):
+                new_ids = _sample(model, tokenizer, batch, seed, temperature, max_new, cancel)
+                kl_ids = _sample(model, tokenizer, batch, seed + 1, 1.0, max_new, cancel)  # the new policy's own
+                logp_new = _answer_logprobs(model, batch, kl_ids)
+            with _as_version(model, "parent", has_parent):
+                logp_parent = _answer_logprobs(model, batch, kl_ids)
+    except _Cancelled:
+        return None
     kl_exact, kl_sampled = _kl_estimates(logp_new, logp_parent, kl_ids, _answer_mask(kl_ids, tokenizer.eos_token_id))
     parent_texts = tokenizer.batch_decode(parent_ids, skip_special_tokens=True)
     new_texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
@@ -121,10 +131,35 @@ def _as_version(model, name: str, has_parent: bool):
     yield
 
 
-def _sample(model, tokenizer, batch, seed: int, temperature: float, max_new: int):
-    """Answer token ids (prompt removed), sampled with a fixed seed so two versions draw the same random numbers."""
+class _Cancelled(Exception):
+    """The cancel event was set during sampling: the panel is dropped."""
+
+
+def _check(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise _Cancelled
+
+
+def _stop_on(cancel) -> list | None:
+    """StoppingCriteria for generate(): every row is done once the `cancel` event is set (none without an event)."""
+    if cancel is None:
+        return None
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopOnCancel(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return [StopOnCancel()]
+
+
+def _sample(model, tokenizer, batch, seed: int, temperature: float, max_new: int, cancel=None):
+    """Answer token ids (prompt removed), sampled with a fixed seed so two versions draw the same random numbers.
+    A set `cancel` event ends generation at the next token and raises _Cancelled (cut-short answers are no sample)."""
     import torch
 
+    _check(cancel)
     torch.manual_seed(seed)  # also seeds CUDA
     out = model.generate(
         **batch,
@@ -134,7 +169,9 @@ def _sample(model, tokenizer, batch, seed: int, temperature: float, max_new: int
         top_k=0,
         max_new_tokens=max_new,
         pad_token_id=tokenizer.pad_token_id,
+        stopping_criteria=_stop_on(cancel),
     )
+    _check(cancel)
     return out[:, batch["input_ids"].shape[1] :]
 
 

@@ -76,7 +76,7 @@ class CommonConfig:
         _require(bool(self.out), "out", "is required (--out RUN_DIR)")
         path = Path(self.data)
         _require(path.is_file(), "data", f"file {self.data} does not exist")
-        _require(path.suffix in DATA_SUFFIXES, "data", f"{self.data}: use one of {', '.join(DATA_SUFFIXES)}")
+        _require(path.suffix.lower() in DATA_SUFFIXES, "data", f"{self.data}: use one of {', '.join(DATA_SUFFIXES)}")
         if self.init_adapter:
             adapter = Path(self.init_adapter)
             _require((adapter / "adapter_config.json").is_file(), "init_adapter", f"{adapter} is no PEFT adapter")

@@ -18,14 +18,15 @@ class DataError(ValueError):
 def load_rows(path: str | Path) -> list[dict]:
     """Rows of a .jsonl / .json (a list of objects) / .parquet file. DataError names the file and line."""
     path = Path(path)
-    if path.suffix == ".parquet":
+    suffix = path.suffix.lower()  # export accepts OUT.JSONL, so training reads it too
+    if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as exc:  # pyarrow raises several types for a broken file
             raise DataError(f"{path}: not a readable parquet file ({exc})") from None
-    elif path.suffix == ".jsonl":
+    elif suffix == ".jsonl":
         rows = []
         lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 may sit inside a string
         for number, line in enumerate(lines, start=1):
@@ -34,7 +35,7 @@ def load_rows(path: str | Path) -> list[dict]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}, line {number}: invalid JSON ({exc.msg})") from None
-    elif path.suffix == ".json":
+    elif suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:

@@ -163,7 +163,9 @@ def train(cfg: PrefDPOConfig, writer: ProgressWriter, cancel: threading.Event) -
     metrics["learning_rate"] = learning_rate
     if not cancel.is_set() and cfg.before_after_prompts > 0 and is_main_process():
         del trainer, model  # free the training copy before loading the base again for sampling
-        metrics["before_after"] = run_before_after(cfg, adapter_dir, rows)
+        panel = run_before_after(cfg, adapter_dir, rows, cancel)
+        if panel is not None:  # None: cancelled while sampling
+            metrics["before_after"] = panel
     return metrics
 
 

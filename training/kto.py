@@ -141,7 +141,9 @@ def train(cfg: PrefKTOConfig, writer: ProgressWriter, cancel: threading.Event) -
     }
     if not cancel.is_set() and cfg.before_after_prompts > 0 and is_main_process():
         del trainer, model
-        metrics["before_after"] = run_before_after(cfg, adapter_dir, rows)
+        panel = run_before_after(cfg, adapter_dir, rows, cancel)
+        if panel is not None:  # None: cancelled while sampling
+            metrics["before_after"] = panel
     return metrics
 
 

@@ -94,7 +94,7 @@ class PPORunConfig(CommonConfig):
             path = Path(self.prompts)
             if not path.is_file():
                 raise ConfigError(f"prompts: file {self.prompts} does not exist")
-            if path.suffix not in (".jsonl", ".json", ".parquet"):
+            if path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
                 raise ConfigError(f"prompts: {self.prompts}: use .jsonl, .json or .parquet")
         for name in ("total_episodes", "response_length", "num_ppo_epochs", "num_mini_batches"):
             if getattr(self, name) < 1:
@@ -283,7 +283,9 @@ def train(cfg: PPORunConfig, writer: ProgressWriter, cancel: threading.Event) ->
     del trainer, policy, reward_model, value_model  # free the training models before sampling again
     gc.collect()
     if not cancel.is_set() and cfg.before_after_prompts > 0:
-        metrics["before_after"] = run_before_after(cfg, adapter_dir, [{"prompt": p} for p in prompts])
+        panel = run_before_after(cfg, adapter_dir, [{"prompt": p} for p in prompts], cancel)
+        if panel is not None:  # None: cancelled while sampling
+            metrics["before_after"] = panel
     return metrics
 
 

@@ -103,7 +103,9 @@ def train(cfg: PrefSFTConfig, writer: ProgressWriter, cancel: threading.Event) -
     del trainer
     metrics = {"method": "sft", **fitted, "base_version": cfg.base_version, "continued_from": cfg.init_adapter}
     if not cancel.is_set() and cfg.before_after_prompts > 0 and is_main_process():
-        metrics["before_after"] = run_before_after(cfg, adapter_dir, rows)
+        panel = run_before_after(cfg, adapter_dir, rows, cancel)
+        if panel is not None:  # None: cancelled while sampling
+            metrics["before_after"] = panel
     return metrics
 
 

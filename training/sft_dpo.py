@@ -86,7 +86,9 @@ def train(cfg: PrefSFTDPOConfig, writer: ProgressWriter, cancel: threading.Event
         reference="the SFT stage's model (frozen copy)",
     )
     if not cancel.is_set() and cfg.before_after_prompts > 0 and is_main_process():
-        metrics["before_after"] = run_before_after(cfg, out / "adapter", pairs)  # against the run's parent
+        panel = run_before_after(cfg, out / "adapter", pairs, cancel)  # against the run's parent
+        if panel is not None:  # None: cancelled while sampling
+            metrics["before_after"] = panel
     return metrics
 
 
