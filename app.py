@@ -24,13 +24,23 @@ SPACE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the bundled model's origi
 DEFAULT_STRATEGIES = ("self", "versions")  # versions pairs appear once a trained version is served
 MIN_PROMPT_TOKENS = 16  # the shortest prompt room the answers' length may leave in the model's context
 SEED_PROMPTS = Path(__file__).resolve().parent / "labeling" / "seed_prompts.txt"
+GUIDELINES = "docs/guidelines.md"  # shown when there (a --guidelines / PREFLOOP_GUIDELINES file must be there)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from generation.defaults import REPETITION_PENALTY, repetition_penalty_problem
+    from labeling.deploy import add_deploy_args, check_app_args, check_deploy_args, env_number, env_yes_no
+
     env = os.environ.get
     parser = argparse.ArgumentParser(description="prefloop: human feedback in, a better model out")
+
+    def number(name: str, default, kind: type = int):  # $name, one clear error when it is no number (deploy.py)
+        return env_number(parser, name, default, kind)
+
     parser.add_argument("--host", default=env("PREFLOOP_HOST", "0.0.0.0" if ON_SPACES else "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(env("PREFLOOP_PORT", env("GRADIO_SERVER_PORT", "7860"))))
+    parser.add_argument(
+        "--port", type=int, default=number("PREFLOOP_PORT" if env("PREFLOOP_PORT") else "GRADIO_SERVER_PORT", 7860)
+    )
     parser.add_argument(
         "--db",
         default=env("PREFLOOP_DB", "data/prefloop.duckdb"),
@@ -45,48 +55,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=env("PREFLOOP_AUTH"),
         help='users.json: {"alice": {"password": "<hash from python -m storage hash-password>", "role": "admin"}}',
     )
-    parser.add_argument("--guidelines", default=env("PREFLOOP_GUIDELINES", "docs/guidelines.md"))
-    parser.add_argument("--queue-size", type=int, default=int(env("PREFLOOP_QUEUE_SIZE", "8")), help="ready pairs")
+    parser.add_argument(
+        "--guidelines", default=env("PREFLOOP_GUIDELINES"), help=f"a Markdown file (default {GUIDELINES})"
+    )
+    parser.add_argument("--queue-size", type=int, default=number("PREFLOOP_QUEUE_SIZE", 8), help="ready pairs")
     parser.add_argument("--strategy", action="append", choices=["self", "versions", "endpoint"], help="repeatable")
-    parser.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "512")))
-    from generation.defaults import repetition_penalty_default, repetition_penalty_problem
-
+    parser.add_argument("--max-new-tokens", type=int, default=number("PREFLOOP_MAX_NEW_TOKENS", 512))
     parser.add_argument(
         "--repetition-penalty",
         type=float,
-        default=repetition_penalty_default(),
+        default=number("PREFLOOP_REPETITION_PENALTY", REPETITION_PENALTY, float),  # = repetition_penalty_default()
         help="on tokens an answer already holds, in [1, 2], 1 = off (generation/defaults.py)",
     )
     parser.add_argument(
         "--engine-threads",
         type=int,
-        default=int(env("PREFLOOP_ENGINE_THREADS", "0")) or None,
-        help="torch threads for generation (default: half the cores, so a training child keeps the rest)",
+        default=number("PREFLOOP_ENGINE_THREADS", 0) or None,
+        help="torch threads for generation (default or 0: half the cores, so a training child keeps the rest)",
     )
     parser.add_argument(
-        "--max-file-size-mb", type=int, default=int(env("PREFLOOP_MAX_FILE_SIZE_MB", "50")), help="upload size cap"
+        "--max-file-size-mb", type=int, default=number("PREFLOOP_MAX_FILE_SIZE_MB", 50), help="upload size cap"
     )
     parser.add_argument(
-        "--upload-max-rows", type=int, default=int(env("PREFLOOP_UPLOAD_MAX_ROWS", "200000")), help="rows per upload"
+        "--upload-max-rows", type=int, default=number("PREFLOOP_UPLOAD_MAX_ROWS", 200000), help="rows per upload"
     )
     parser.add_argument(
-        "--queue-max", type=int, default=int(env("PREFLOOP_QUEUE_MAX", "256")), help="requests waiting in Gradio"
+        "--queue-max", type=int, default=number("PREFLOOP_QUEUE_MAX", 256), help="requests waiting in Gradio"
     )
-    parser.add_argument("--lease-minutes", type=float, default=float(env("PREFLOOP_LEASE_MINUTES", "10")))
+    parser.add_argument("--lease-minutes", type=float, default=number("PREFLOOP_LEASE_MINUTES", 10.0, float))
     arena = parser.add_argument_group("arena", "a new version is a candidate, judged against the serving one")
-    share = float(env("PREFLOOP_ARENA_SHARE", "0.25"))
+    share = number("PREFLOOP_ARENA_SHARE", 0.25, float)
     arena.add_argument("--arena-share", type=float, default=share, help="share of new pairs that judge a candidate")
-    arena.add_argument("--gate-min-battles", type=int, default=int(env("PREFLOOP_GATE_MIN_BATTLES", "20")))
-    confidence = float(env("PREFLOOP_GATE_CONFIDENCE", "0.95"))
+    arena.add_argument("--gate-min-battles", type=int, default=number("PREFLOOP_GATE_MIN_BATTLES", 20))
+    confidence = number("PREFLOOP_GATE_CONFIDENCE", 0.95, float)
     arena.add_argument("--gate-confidence", type=float, default=confidence, help="of the gate's CI on the win-rate")
-    auto = env("PREFLOOP_AUTO_PROMOTE", "").lower() in ("1", "true", "yes")
+    auto = env_yes_no(parser, "PREFLOOP_AUTO_PROMOTE")
     arena.add_argument("--auto-promote", action="store_true", default=auto, help="serve a candidate once it passes")
-    from labeling.deploy import add_deploy_args, check_deploy_args
-
     add_deploy_args(parser)  # backups, a served model to compare with, the engine
     args = parser.parse_args(argv)
     if problem := repetition_penalty_problem(args.repetition_penalty):
         parser.error(f"--repetition-penalty {problem}")
+    check_app_args(parser, args, GUIDELINES)  # every number in its range, the guidelines file: before anything loads
     check_deploy_args(parser, args, DEFAULT_STRATEGIES)
     return args
 

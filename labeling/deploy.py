@@ -1,13 +1,15 @@
 """Deployment options of the app: backups, a served model on one side of pairs, the generation engine, Spaces.
 
-`add_deploy_args` adds the flags (each with an environment variable, so a Space sets them as variables) and
-`check_deploy_args` refuses combinations that cannot work; the `open_*` / `create_*` helpers build the pieces that
+`add_deploy_args` adds the flags (each with an environment variable, so a Space sets them as variables; `env_*`
+read one, refusing a value that is no number / yes-no / choice), `check_app_args` and `check_deploy_args` refuse values
+and combinations that cannot work, before anything loads; the `open_*` / `create_*` helpers build the pieces that
 app.py wires into its services. Heavy imports stay inside the functions (start-up time).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,6 +17,55 @@ from pathlib import Path
 from storage.postgres import is_postgres
 
 ENGINES = ("local", "vllm")
+DEVICES = ("auto", "cuda", "cpu")  # PREFLOOP_DEVICE (models/device.py)
+YES_NO = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+MAX_LEASE_MINUTES = 7 * 24 * 60  # a week; far beyond it the expiry leaves the datetime range
+
+# Every numeric app flag but --queue-size and --backup-every (checked below): variable, allowed?, what it must be
+LIMITS = {
+    "--port": ("PREFLOOP_PORT", lambda v: 1 <= v <= 65535, "a port in [1, 65535]"),
+    "--max-new-tokens": ("PREFLOOP_MAX_NEW_TOKENS", lambda v: v >= 1, "≥ 1 tokens"),
+    "--engine-threads": ("PREFLOOP_ENGINE_THREADS", lambda v: v is None or v >= 0, "≥ 1 threads (0 = half the cores)"),
+    "--max-file-size-mb": ("PREFLOOP_MAX_FILE_SIZE_MB", lambda v: v >= 1, "≥ 1 MB"),
+    "--upload-max-rows": ("PREFLOOP_UPLOAD_MAX_ROWS", lambda v: v >= 1, "≥ 1 rows"),
+    "--queue-max": ("PREFLOOP_QUEUE_MAX", lambda v: v >= 1, "≥ 1 requests"),
+    "--lease-minutes": (
+        "PREFLOOP_LEASE_MINUTES",
+        lambda v: 0 < v <= MAX_LEASE_MINUTES,
+        f"in (0, {MAX_LEASE_MINUTES}] minutes",
+    ),
+    "--arena-share": ("PREFLOOP_ARENA_SHARE", lambda v: 0 <= v <= 1, "a share of the new pairs in [0, 1]"),
+    "--gate-min-battles": ("PREFLOOP_GATE_MIN_BATTLES", lambda v: v >= 1, "≥ 1 battles"),
+    "--gate-confidence": ("PREFLOOP_GATE_CONFIDENCE", lambda v: 0.5 < v < 1, "in (0.5, 1)"),
+    "--compare-timeout": ("PREFLOOP_COMPARE_TIMEOUT", lambda v: 0 < v < math.inf, "a finite number of seconds > 0"),
+}
+
+
+def env_number(parser: argparse.ArgumentParser, name: str, default, kind: type = int):
+    """$name as `kind` (int or float), `default` when unset; parser.error naming the variable when it is not one."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        parser.error(f"{name} must be {'an integer' if kind is int else 'a number'}, not {raw!r}")
+
+
+def env_yes_no(parser: argparse.ArgumentParser, name: str) -> bool:
+    """$name as a yes/no (1/true/yes/on or 0/false/no/off, any case; unset or empty: no), else parser.error."""
+    raw = os.environ.get(name, "")
+    if raw.strip() and raw.strip().lower() not in YES_NO:
+        parser.error(f"{name} must be 1/true/yes/on or 0/false/no/off, not {raw!r}")
+    return YES_NO.get(raw.strip().lower(), False)
+
+
+def env_choice(parser: argparse.ArgumentParser, name: str, choices, default: str) -> str:
+    """$name if it is one of `choices` (argparse does not check a default against them), `default` when unset."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        parser.error(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
 
 
 def add_deploy_args(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +79,7 @@ def add_deploy_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--backup-every",
         type=float,
-        default=float(env("PREFLOOP_BACKUP_EVERY", "300")),
+        default=env_number(parser, "PREFLOOP_BACKUP_EVERY", 300.0, float),
         help="seconds between backup flushes (one more at shutdown)",
     )
     group.add_argument(
@@ -45,15 +96,38 @@ def add_deploy_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--compare-timeout",
         type=float,
-        default=float(env("PREFLOOP_COMPARE_TIMEOUT", "60")),
+        default=env_number(parser, "PREFLOOP_COMPARE_TIMEOUT", 60.0, float),
         help="seconds one answer of the served model may take",
     )
     group.add_argument(
         "--engine",
         choices=ENGINES,
-        default=env("PREFLOOP_ENGINE", "local"),
+        default=env_choice(parser, "PREFLOOP_ENGINE", ENGINES, "local"),
         help="local: transformers in this process; vllm: vLLM on a CUDA GPU (versions as LoRA adapters)",
     )
+
+
+def check_app_args(parser: argparse.ArgumentParser, args: argparse.Namespace, default_guidelines: str) -> None:
+    """parser.error (exit 2, one line naming the flag) on a number out of its range, a --guidelines file that is not
+    there, or a variable the app reads later that is no yes/no or choice: before the store or the model loads."""
+    for flag, (variable, allowed, what) in LIMITS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not allowed(value):  # NaN fails every comparison
+            parser.error(f"{flag} (or {variable}) must be {what}, not {value}")
+    if args.queue_size < (0 if is_postgres(args.db) else 1):  # 0: other app processes on the store make the pairs
+        parser.error(
+            f"--queue-size (or PREFLOOP_QUEUE_SIZE) must be ≥ 1 ready pairs (0 only with a PostgreSQL --db, where "
+            f"another app process makes them), not {args.queue_size}"
+        )
+    if args.guidelines is None:  # not asked for: the default file, if there is one
+        args.guidelines = default_guidelines
+    elif not Path(args.guidelines).is_file():
+        parser.error(f"--guidelines (or PREFLOOP_GUIDELINES): no such file: {args.guidelines}")
+    share = env_number(parser, "PREFLOOP_VLLM_GPU_MEMORY", None, float)  # create_engine reads it (vllm)
+    if share is not None and not 0 < share <= 1:
+        parser.error(f"PREFLOOP_VLLM_GPU_MEMORY must be a share of the GPU memory in (0, 1], not {share}")
+    env_yes_no(parser, "PREFLOOP_ALLOW_TRAINING")  # read while running (TrainingSwitch): refused now, not ignored
+    env_choice(parser, "PREFLOOP_DEVICE", DEVICES, "auto")
 
 
 def check_deploy_args(parser: argparse.ArgumentParser, args: argparse.Namespace, default_strategies) -> None:
@@ -160,7 +234,7 @@ class TrainingSwitch:
 
     @staticmethod
     def allowed_by_env() -> bool:
-        return os.environ.get("PREFLOOP_ALLOW_TRAINING", "").lower() in ("1", "true", "yes")
+        return YES_NO.get(os.environ.get("PREFLOOP_ALLOW_TRAINING", "").strip().lower(), False)
 
 
 def on_cpu_space(engine) -> bool:
