@@ -79,11 +79,56 @@ def open_store(db: str):
         raise RuntimeError(f"cannot open {db}: {exc}") from None
 
 
+def check_input_file(path: str) -> None:
+    """The file to import exists and is a file: checked before the database file is created or opened."""
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a directory, not a file")
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file")
+
+
+def check_existing_db(db: str) -> None:
+    """A command that only reads refuses a database file that is not there (a mistyped --db would create one)."""
+    from storage.postgres import is_postgres
+
+    if is_postgres(db) or db == ":memory:" or Path(db).is_file():
+        return
+    if Path(db).is_dir():
+        raise ValueError(f"--db {db} is a directory, not a database file")
+    raise ValueError(f"--db {db}: no such database file (python -m storage import creates one)")
+
+
+def new_db_files(db: str) -> list[Path]:
+    """What opening `db` would create when it is a DuckDB file not there yet: the file, its WAL and any missing
+    folders above it (deepest first); [] when it exists or is not a file."""
+    from storage.postgres import is_postgres
+
+    path = Path(db)
+    if is_postgres(db) or db == ":memory:" or path.exists():
+        return []
+    missing = [parent for parent in path.parents if not parent.exists()]
+    return [path, path.with_name(path.name + ".wal"), *missing]
+
+
+def remove_new_db(created: list[Path]) -> None:
+    """A failed import into a new database leaves nothing behind: the file, its WAL and the folders made for it."""
+    for path in created:
+        try:
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:  # a folder something else has put a file in since: it stays
+            pass
+
+
 def run(args: argparse.Namespace) -> dict | list:
     if args.command == "export" and Path(args.out).suffix.lower() not in EXTENSIONS:
         raise ValueError(f"--out {args.out} must end in {' or '.join(EXTENSIONS)}")
-    if args.command == "import" and not Path(args.path).is_file():
-        raise ValueError(f"{args.path}: no such file")  # before the database file is created or opened
+    if args.command == "import":
+        check_input_file(args.path)
+    elif args.command != "hash-password":
+        check_existing_db(args.db)
     if args.command == "hash-password":  # prints a JSON string: paste it as the user's "password"
         from storage.passwords import hash_password
 
@@ -92,12 +137,10 @@ def run(args: argparse.Namespace) -> dict | list:
         from storage.ratings import leaderboard_from_file
 
         return leaderboard_from_file(args.db, bootstrap=args.bootstrap, seed=args.seed)
+    if args.command == "import":
+        return run_import(args)
     store = open_store(args.db)
     try:
-        if args.command == "import":
-            from storage.importers import import_file
-
-            return import_file(store, args.path, fmt=args.format)
         if args.command == "export":
             from storage.exporters import export, push_to_hub
 
@@ -114,6 +157,22 @@ def run(args: argparse.Namespace) -> dict | list:
         return store.stats()
     finally:
         store.close(checkpoint=args.command != "stats")  # stats only reads (and saves a small tally snapshot)
+
+
+def run_import(args: argparse.Namespace) -> dict:
+    """Import one file; when it fails and the database is new, the database file is removed again."""
+    from storage.importers import import_file
+
+    created = new_db_files(args.db)
+    try:
+        store = open_store(args.db)
+        try:
+            return import_file(store, args.path, fmt=args.format)
+        finally:
+            store.close()
+    except Exception:
+        remove_new_db(created)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

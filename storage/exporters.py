@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,21 +44,21 @@ def export(store, fmt: str, out: str | Path) -> int:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    os.close(handle)
+    temp = out.parent / f".{out.name}.{uuid.uuid4().hex}.part"
+    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0666 less the umask, as open() makes
     try:
         if fmt in ("dpo", "reward"):  # the big ones: built and written by DuckDB, never as Python objects
-            count = _write_pairs(store, fmt, Path(temp), out.suffix.lower())
+            count = _write_pairs(store, fmt, temp, out.suffix.lower())
         else:
             rows = export_rows(store, fmt)
             if out.suffix.lower() == ".jsonl":
-                _write_jsonl(rows, Path(temp))
+                _write_jsonl(rows, temp)
             else:
-                _write_parquet(rows, fmt, Path(temp))
+                _write_parquet(rows, fmt, temp)
             count = len(rows)
         os.replace(temp, out)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     return count
 

@@ -293,7 +293,7 @@ def _trl(types: dict[str, str]) -> str | None:
         SELECT __row AS n, __longest, {messages} AS prompt, {text_a} AS text_a, {text_b} AS text_b,
                'import:chosen' AS model_a, 'import:rejected' AS model_b, 'A' AS choice, 'import:trl' AS annotator,
                '{{"source": "import:trl"}}' AS params_a, '{{"source": "import:trl"}}' AS params_b,
-               coalesce(prompt IS NOT NULL AND {prompt_ok} AND {ok_a} AND {ok_b}, false) AS ok
+               coalesce(prompt IS NOT NULL AND {prompt_ok} AND {ok_a} AND {ok_b} AND {text_a} <> {text_b}, false) AS ok
         FROM {{source}}"""
 
 

@@ -116,6 +116,8 @@ def parse_trl(record: dict, fmt: str = "trl") -> Item:
     if explicit:
         messages = _prompt(prompt, "prompt")
         answers = (_answer(chosen, "chosen"), []), (_answer(rejected, "rejected"), [])
+        if answers[0][0] == answers[1][0]:  # as the implicit form (_split_text) refuses it: no preference to learn
+            raise ValueError("'chosen' and 'rejected' are the same text")
     elif isinstance(chosen, str) and isinstance(rejected, str):
         messages, answers = _split_text(chosen, rejected)
     else:
@@ -189,10 +191,14 @@ PARSERS = {
 
 # ---- parser helpers ----------------------------------------------------------------------------------------
 def _need(record: dict, fmt: str, *keys: str) -> list:
-    missing = [key for key in keys if record.get(key) is None]
+    missing = [key for key in keys if key not in record]
     if missing:
         found = ", ".join(map(str, record)) or "(none)"
         raise ValueError(f"missing column {', '.join(map(repr, missing))} for format {fmt} (columns found: {found})")
+    empty = [key for key in keys if record[key] is None]
+    if empty:
+        names = ", ".join(map(repr, empty))
+        raise ValueError(f"column {names} {'is' if len(empty) == 1 else 'are'} empty (null) for format {fmt}")
     return [record[key] for key in keys]
 
 

@@ -199,6 +199,8 @@ def read_records(path: Path, as_lines: bool = False) -> list[tuple[str, Any]]:
     """The file's records, each with where it is ("line 3", "row 3", "item 3"). Text must be UTF-8."""
     if not path.exists():
         raise ImportFailed(path, "no such file")
+    if path.is_dir():
+        raise ImportFailed(path, "is a directory, not a file")
     if not path.is_file():
         raise ImportFailed(path, "is not a file")
     suffix = path.suffix.lower()

@@ -158,6 +158,27 @@ def test_export_replaces_an_old_file_whole(store, tmp_path):
     assert len(lines) == 8 and json.loads(lines[0])["chosen"] == reply("Good 1")
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_an_export_file_honours_the_umask_as_open_does(store, tmp_path, mask):
+    """Not the 0600 of a private temp file: 0666 less the umask, like any file the process writes."""
+    import os
+    import stat
+
+    seed_mixed(store)
+    folder = tmp_path / "exports"  # the store's file may be in tmp_path
+    folder.mkdir()
+    names = {"dpo.jsonl": "dpo", "dpo.parquet": "dpo", "kto.jsonl": "kto", "raw.parquet": "raw"}
+    old = os.umask(mask)
+    try:
+        written = {name: export(store, fmt, folder / name) for name, fmt in names.items()}
+        (folder / "plain.txt").write_text("made by open()")
+    finally:
+        os.umask(old)
+    assert all(written.values())
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()}
+    assert modes == dict.fromkeys([*written, "plain.txt"], 0o666 & ~mask)  # and no temp file is left
+
+
 def test_dpo_export_trains_with_trl_as_is(store, tmp_path, tiny_model_dir):
     """A dpo export goes straight into trl's DPOTrainer: 2 LoRA steps on the tiny model change the adapter."""
     import torch

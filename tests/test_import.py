@@ -266,7 +266,20 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
                            r"sur\.jsonl, line 2: field 'chosen' holds a character that is not valid Unicode"),
         "number as prompt": (tmp_path / "nums.json", "auto",
                              r"nums\.json, item 2: a prompt row must be a line of text or an object, found int"),
+        "null value": (write_jsonl(tmp_path / "null.jsonl", [good, {**good, "chosen": None}]), "auto",
+                       r"null\.jsonl, line 2: column 'chosen' is empty \(null\) for format trl$"),
+        "a directory": (tmp_path / "folder.jsonl", "auto", r"folder\.jsonl: is a directory, not a file"),
+        "same answers (bulk)": (write_jsonl(tmp_path / "same.jsonl", [good, {**good, "rejected": "Fine."}]), "auto",
+                                r"same\.jsonl, line 2: 'chosen' and 'rejected' are the same text"),
+        "same answers (rows)": (tmp_path / "same.json", "auto",
+                                r"same\.json, item 2: 'chosen' and 'rejected' are the same text"),
+        "same chat answers": (tmp_path / "same.parquet", "auto",
+                              r"same\.parquet, row 1: 'chosen' and 'rejected' are the same text"),
     }  # fmt: skip
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "same.json").write_text(json.dumps([good, {**good, "rejected": "Fine."}]), encoding="utf-8")
+    same_chat = {"prompt": [user("Hi")], "chosen": [bot("Hello.")], "rejected": [bot("Hello.")]}
+    pq.write_table(pa.Table.from_pylist([same_chat]), tmp_path / "same.parquet")
     (tmp_path / "cut.jsonl").write_text(json.dumps(good) + '\n{"prompt": "Name a colour.", "chosen": "Blue."\n')
     (tmp_path / "cut.json").write_text('[\n{"prompt": "a"},\n{"prompt": "b"', encoding="utf-8")
     (tmp_path / "latin.csv").write_bytes("prompt\nfine\ncaf\u00e9 au lait\n".encode("latin-1"))
@@ -283,7 +296,8 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
 BAD_CASES = ["unknown shape", "truncated json", "truncated json array", "wrong encoding", "empty file", "no rows",
              "missing file", "10 MB field", "10 MB csv field", "not parquet", "bad role", "bad winner", "bad label",
              "format mismatch", "txt as trl", "unsupported type", "unknown format", "hh not a transcript",
-             "lone surrogate", "number as prompt"]  # fmt: skip
+             "lone surrogate", "number as prompt", "null value", "a directory", "same answers (bulk)",
+             "same answers (rows)", "same chat answers"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

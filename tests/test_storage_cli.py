@@ -80,6 +80,44 @@ def test_import_errors_are_one_line_and_write_nothing(tmp_path):
     assert not missing_db.exists()  # a failed import does not even create the database
 
 
+def test_a_failed_import_into_a_new_database_leaves_no_file(tmp_path):
+    """The file is opened (and set up) before the rows are checked: on failure it is removed, with its WAL and the
+    folders made for it; a database that was there before stays."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Fine."}\n{"foo": 1}\n', encoding="utf-8")
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "Hi.", "chosen": "Yes.", "rejected": "Yes."}) + "\n", encoding="utf-8")
+    before = sorted(tmp_path.iterdir())
+    for path, fragment in ((bad, "bad.jsonl, line 2"), (same, "are the same text")):
+        for db in (tmp_path / "fresh.duckdb", tmp_path / "new" / "folder" / "fresh.duckdb"):
+            assert_one_error_line(run_cli("import", str(path), "--db", str(db)), fragment)
+            assert sorted(tmp_path.iterdir()) == before  # no .duckdb, no .wal, no folder
+    existing = tmp_path / "kept.duckdb"
+    assert run_cli("import", str(write_prefs(tmp_path / "prefs.jsonl")), "--db", str(existing)).returncode == 0
+    assert_one_error_line(run_cli("import", str(bad), "--db", str(existing)), "bad.jsonl, line 2")
+    assert comparisons_in(existing) == 2
+
+
+def test_a_directory_to_import_is_named_as_one(tmp_path):
+    folder = tmp_path / "prefs.jsonl"
+    folder.mkdir()
+    db = tmp_path / "cli.duckdb"
+    assert_one_error_line(run_cli("import", str(folder), "--db", str(db)), f"{folder} is a directory, not a file")
+    assert not db.exists()
+
+
+def test_reading_commands_refuse_a_database_that_is_not_there(tmp_path):
+    """A mistyped --db is an error, not a new empty database with zero counts (import is what creates one)."""
+    out = tmp_path / "dpo.jsonl"
+    for db in (tmp_path / "fresh2.duckdb", tmp_path / "missing" / "nodb.duckdb"):
+        for command in (["stats"], ["export", "--format", "dpo", "--out", str(out)], ["leaderboard"]):
+            result = run_cli(*command, "--db", str(db))
+            assert_one_error_line(result, f"--db {db}: no such database file (python -m storage import creates one)")
+        assert_one_error_line(run_cli("stats", db=db), str(db))  # the default --db ($PREFLOOP_DB) too
+    assert_one_error_line(run_cli("stats", "--db", str(tmp_path)), "is a directory, not a database file")
+    assert list(tmp_path.iterdir()) == []  # no database, no WAL, no export, no folder
+
+
 def test_export_and_stats(tmp_path, db_url):
     db = db_url
     run_cli("import", str(write_prefs(tmp_path / "prefs.jsonl")), "--db", str(db))
