@@ -13,7 +13,7 @@ from pathlib import Path
 
 from labeling.arena import GateRule, best_passing, current_verdict, judge, model_name
 from storage.db import CHOICES, canonical_messages
-from storage.promotions import candidates, serve, version_status
+from storage.promotions import candidates, same_base, serve, version_status
 from storage.ratings import battle_counts, head_to_head
 from storage.rows import is_unicode
 from storage.scores import comparison_scores
@@ -28,9 +28,7 @@ def other_base(store, version: dict) -> str | None:
     """Why `version` cannot serve on this app's base model (version 0's base_model, set from --model), or None: an
     adapter fits only the base it was trained on."""
     base, trained_on = (store.get_version(0) or {}).get("base_model"), version.get("base_model")
-    if version["id"] == 0 or not base or not trained_on or trained_on == base:
-        return None
-    if Path(base).is_dir() and Path(trained_on).is_dir() and Path(base).resolve() == Path(trained_on).resolve():
+    if version["id"] == 0 or not base or not trained_on or same_base(trained_on, base):
         return None
     return (
         f"Version {version['id']} was trained on the base model {trained_on}, but this app runs {base}: "

@@ -9,6 +9,7 @@ which, how ('gate' | 'auto' | 'override' | 'rollback'), the evidence (JSON) and 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 STATUSES = ("candidate", "serving", "retired", "rejected")
 PROMOTION_KINDS = ("gate", "auto", "override", "rollback")
@@ -56,14 +57,23 @@ def version_status(store, version_id: int) -> str | None:
 
 def candidates(store) -> list[dict]:
     """Policy candidates with an adapter, newest first: [{"id", "parent_id", "adapter_path"}]. Only those trained on
-    the base model the app runs (version 0's base_model): an adapter does not fit another base."""
+    the base model the app runs (version 0's base_model, by `same_base`): an adapter does not fit another base."""
     with store.read() as cur:
+        base = cur.execute("SELECT base_model FROM model_versions WHERE id = 0").fetchone()
         rows = cur.execute(
-            "SELECT id, parent_id, adapter_path FROM model_versions WHERE kind = 'policy' AND status = 'candidate' "
-            "AND adapter_path IS NOT NULL AND base_model = (SELECT base_model FROM model_versions WHERE id = 0) "
-            "ORDER BY id DESC"
+            "SELECT id, parent_id, adapter_path, base_model FROM model_versions WHERE kind = 'policy' "
+            "AND status = 'candidate' AND adapter_path IS NOT NULL ORDER BY id DESC"
         ).fetchall()
-    return [{"id": int(r[0]), "parent_id": r[1], "adapter_path": r[2]} for r in rows]
+    return [
+        {"id": int(r[0]), "parent_id": r[1], "adapter_path": r[2]} for r in rows if base and same_base(r[3], base[0])
+    ]
+
+
+def same_base(a: str | None, b: str | None) -> bool:
+    """One base model: the same name, or the same folder written two ways (--model ./m, then --model m)."""
+    if not a or not b:
+        return False
+    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
 
 
 def promotions(store, limit: int = 50) -> list[dict]:

@@ -362,3 +362,18 @@ def test_promote_without_a_version_serves_the_one_that_passes_not_the_newest(sto
     assert version_status(store, newest) == "candidate"
     with pytest.raises(UserError, match=f"v{newest} has no battles"):
         services.promote(actor="root")  # nothing passes now: the arena's current candidate says why
+
+
+def test_a_candidate_stays_when_the_app_names_its_base_folder_another_way(
+    store, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Trained under --model /abs/tiny, then the app restarted with --model ./tiny (the same folder): the candidate
+    silently left the arena and the Promote button (its base_model text differed)."""
+    from storage.promotions import candidates
+
+    version = add_candidate(store, tiny_model_dir, tmp_path, seed=1)
+    monkeypatch.chdir(tiny_model_dir.parent)
+    store.set_base_model(f"./{tiny_model_dir.name}")
+    assert [c["id"] for c in candidates(store)] == [version]
+    store.set_base_model(str(tmp_path))  # another folder: another base
+    assert candidates(store) == []
