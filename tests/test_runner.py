@@ -220,3 +220,40 @@ def test_a_reward_run_whose_scores_cannot_be_saved_still_succeeds(store, tmp_pat
     status = runner.status(run_id)
     assert status.status == "succeeded" and status.result_version is not None
     assert "scores of the stored answers were not saved" in status.error
+
+
+def test_runs_from_another_folder_on_top_of_no_foreign_version_in_a_fresh_folder(
+    store, tmp_path, tiny_model_dir, monkeypatch
+):
+    """A run started by an app launched from another folder (`python /path/app.py`) found no `training` package;
+    a run folder left by an earlier database with the same ids was reused (its old end line decided the new run);
+    training on top of a version of another base model was accepted."""
+    runner = runner_for(store, tmp_path, tiny_model_dir)
+    seed_preferences(store, 8)
+    foreign = store.add_version(base_model="another-model", adapter_path=str(tmp_path / "foreign"), parent_id=0)
+    with pytest.raises(RunRejected, match="trained on another-model"):
+        runner.submit("dpo", QUICK, parent_version=foreign)
+    stale = tmp_path / "runs" / "run-0001-dpo"
+    stale.mkdir(parents=True)
+    (stale / "progress.jsonl").write_text('{"event": "end", "status": "succeeded", "metrics": {"old": true}}\n')
+    monkeypatch.chdir(tmp_path)  # not the checkout
+    run_id = runner.submit("dpo", QUICK)
+    status = runner.wait(run_id, timeout=300)
+    assert status.status == "succeeded", status.error
+    assert status.run_dir != str(stale) and "old" not in status.metrics
+
+
+def test_a_run_another_process_is_still_preparing_is_not_failed(pg_server, tmp_path, tiny_model_dir):
+    """On PostgreSQL the queue's owner polled a run another app process had queued but not yet written the folder
+    of, and failed it ("its run folder was never completed") while the other process said it had started."""
+    url = pg_server.new_database()
+    owner_store, other_store = Store(url), Store(url)
+    try:
+        owner = runner_for(owner_store, tmp_path / "a", tiny_model_dir)
+        other = runner_for(other_store, tmp_path / "b", tiny_model_dir)
+        run_id = other._insert_run("dpo", 0, 8)  # queued; its folder is being written
+        owner.tick()
+        assert run_rows(owner_store) == [(run_id, "queued")]
+    finally:
+        owner_store.close()
+        other_store.close()

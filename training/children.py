@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout the child's `python -m training` is imported from
+
 CHILD_FILE = "child.json"
 STOP_GRACE_SECONDS = 20.0  # at shutdown: SIGTERM, this long to save and write the end line, then SIGKILL the group
 REAP_SECONDS = 5.0  # then this long for our own children to be reaped (their exit code tells how the run ended)
@@ -133,8 +135,11 @@ class Children:
 
     def start(self, run_id: int, cmd: list[str], run_dir: Path, env: dict) -> int:
         """Start a child in its own session, output to RUN_DIR/log.txt, identity to RUN_DIR/child.json; its pid."""
+        path = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # `-m training` from any folder
         with (run_dir / "log.txt").open("ab") as log:
-            popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            popen = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONPATH": path}, start_new_session=True
+            )
         self._popen[run_id] = popen
         identity = Child.of(popen.pid)  # read at once: the start time is fixed at fork, the pid is ours until reaped
         if identity is not None:

@@ -189,16 +189,20 @@ def train(cfg: RewardModelConfig, writer: ProgressWriter, cancel: threading.Even
     save_reward_model(trainer.model, tokenizer, Path(cfg.out) / "reward_model")
     metrics = summarize(cfg, trainer.state.global_step, progress, len(train_pairs), len(eval_pairs))
     if cfg.score_data and not cancel.is_set():
-        metrics["scored_generations"] = score_stored_generations(cfg)
+        metrics["scored_generations"] = score_stored_generations(cfg, cancel)
     return metrics
 
 
-def score_stored_generations(cfg: RewardModelConfig) -> int:
-    """Score the app's snapshot of stored generations with the new reward model; rows go to RUN_DIR/scores.jsonl."""
-    from training.score import score_rows, write_rows
+def score_stored_generations(cfg: RewardModelConfig, cancel=None) -> int:
+    """Score the app's snapshot of stored generations with the new reward model; rows go to RUN_DIR/scores.jsonl.
+    A Cancel stops it at the next batch (none are written): scoring 100,000 answers takes hours on a CPU."""
+    from training.score import ScoringCancelled, score_rows, write_rows
 
     rows = load_rows(cfg.score_data)  # never empty: load_rows refuses a file without rows
-    scored = score_rows(rows, Path(cfg.out) / "reward_model", cfg.score_data, max_length=cfg.max_length)
+    try:
+        scored = score_rows(rows, Path(cfg.out) / "reward_model", cfg.score_data, cfg.max_length, cancel=cancel)
+    except ScoringCancelled:
+        return 0
     write_rows(
         [{"generation_id": r.get("generation_id"), "score": r["score"]} for r in scored],
         Path(cfg.out) / "scores.jsonl",

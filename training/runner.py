@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from storage.exporters import export_rows, ppo_prompt_rows
+from storage.promotions import same_base
 from storage.scores import load_score_file, save_scores, write_generations_to_score
 from storage.tallies import usable_pairs
 from training.children import Children
@@ -33,6 +34,9 @@ LOG_HEADER = "--- last lines of the log ---"
 METHODS = ("dpo", "reward", "ppo", "kto", "sft", "sft_dpo", "auto")  # auto: training/datamix.py picks one
 CANCEL_KEY = "cancel_run:"  # app_settings key + run id: cancel a run another app process watches
 MIN_PAIRS = 4  # below this a preference run learns nothing but noise
+# On PostgreSQL a queued run without its folder may be one another app process is still writing: after this long
+# it was left half-submitted (that app stopped, its disk filled up). On DuckDB only this process submits.
+PREPARING = "created_at < now() - INTERVAL '10 minutes'"
 
 
 class RunRejected(ValueError):
@@ -156,6 +160,11 @@ class JobRunner:
         parent = self.store.get_version(parent_version)
         if parent is None or parent.get("kind", "policy") != "policy":
             raise RunRejected(f"model version {parent_version} does not exist")
+        if parent_version != 0 and not same_base(parent.get("base_model"), self.base_model):
+            raise RunRejected(
+                f"version {parent_version} was trained on {parent.get('base_model')}, not on this app's base model "
+                f"{self.base_model}: its adapter does not fit"
+            )
         if method == "ppo" and not settings.get("reward_model"):
             raise RunRejected("no reward model: train one first (method 'reward', or the reward → PPO chain)")
         self.check(method, settings, parent_version)
@@ -180,7 +189,11 @@ class JobRunner:
         self, run_id, method, settings, parent, parent_version, rows, comparison_ids, chain, reason
     ) -> None:
         run_dir = self.runs_dir / f"run-{run_id:04d}-{method}"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        for again in range(2, 1000):  # a folder left by an earlier database with the same run ids is never reused:
+            if not run_dir.exists():  # its progress and end line would be taken for this run's
+                break
+            run_dir = self.runs_dir / f"run-{run_id:04d}-{method}-{again}"
+        run_dir.mkdir(parents=True)
         data_path = run_dir / "data.jsonl"
         write_jsonl(data_path, rows)
         config = {**settings, **self._run_fields(parent_version), "data": str(data_path), "out": str(run_dir)}
@@ -238,7 +251,8 @@ class JobRunner:
                     self._end(row["id"])
             if self._children or self._stop.is_set():
                 return
-            for row in self._rows("status = 'queued' ORDER BY id"):
+            ready = f"(run_dir IS NOT NULL OR {PREPARING})" if self.store.dialect == "postgres" else "TRUE"
+            for row in self._rows(f"status = 'queued' AND {ready} ORDER BY id"):
                 if self._launch(row):
                     return
 

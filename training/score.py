@@ -45,6 +45,10 @@ class ScoreConfig(CommonConfig):
             raise ConfigError("out: must differ from data (the input would be overwritten)")
 
 
+class ScoringCancelled(RuntimeError):
+    """The run was cancelled while it scored (a reward run scores up to 100,000 stored answers)."""
+
+
 class RewardScorer:
     """A saved reward model on the serving device; `score` returns one float per (prompt, answer)."""
 
@@ -67,13 +71,16 @@ class RewardScorer:
         self.batch_size = batch_size
         self._torch = torch
 
-    def score(self, items: list[tuple[Chat, Chat]]) -> list[float]:
-        """Scores of (prompt chat, one-message answer) items, in input order; longest first to pad little."""
+    def score(self, items: list[tuple[Chat, Chat]], cancel=None) -> list[float]:
+        """Scores of (prompt chat, one-message answer) items, in input order; longest first to pad little.
+        `cancel` (a threading.Event): once set, ScoringCancelled at the next batch."""
         torch = self._torch
         encoded = [encode_answer(self.tokenizer, prompt, answer, self.max_length) for prompt, answer in items]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         scores = [0.0] * len(encoded)
         for start in range(0, len(order), self.batch_size):
+            if cancel is not None and cancel.is_set():
+                raise ScoringCancelled(f"cancelled after {start} of {len(order)} answers")
             chunk = order[start : start + self.batch_size]
             width = max(len(encoded[i]) for i in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
@@ -109,11 +116,16 @@ def _items(rows: list[dict], path: str) -> tuple[list[tuple[Chat, Chat]], list[t
 
 
 def score_rows(
-    rows: list[dict], reward_model: str | Path, path: str = "rows", max_length: int = 512, batch_size: int = 8
+    rows: list[dict],
+    reward_model: str | Path,
+    path: str = "rows",
+    max_length: int = 512,
+    batch_size: int = 8,
+    cancel=None,
 ) -> list[dict]:
     """Copies of `rows` with score columns added (DataError on a bad row, before any model is loaded)."""
     items, targets = _items(rows, path)
-    scores = RewardScorer(reward_model, max_length, batch_size).score(items)
+    scores = RewardScorer(reward_model, max_length, batch_size).score(items, cancel)
     scored = [dict(row) for row in rows]
     for (index, column), value in zip(targets, scores, strict=True):
         scored[index][column] = value

@@ -69,7 +69,7 @@ def train(cfg: PrefSFTDPOConfig, writer: ProgressWriter, cancel: threading.Event
             "data": str(out / "sft_data.jsonl"),
             "epochs": cfg.sft_epochs,
             "learning_rate": cfg.sft_learning_rate,
-            "max_steps": -1,
+            "max_steps": cfg.max_steps,  # a cap the form sets holds for each stage (-1: by epochs)
         }
     )
     sft_metrics, trainer = fit(sft_cfg, sft_rows, writer, cancel, out / "sft_adapter", chosen_rows(held))
