@@ -23,6 +23,7 @@ from storage.backup import BackupScheduler, restore
 from storage.backup_hub import HubSync, HubSyncError
 
 ADAPTERS = "adapters"  # <backup folder>/adapters/<run folder>/ and the same path in the Hub repo
+RESTORE_PENDING = "backup:restore_pending"  # app_settings: "1" from a new database's start until its restore is done
 SHUTDOWN_PUSH_SECONDS = 60  # the last push may take this long: a platform stopping the app kills it soon after
 
 
@@ -64,6 +65,11 @@ def start_backups(
     """Pull, restore (into a new database only), relink adapters, start the scheduler. BackupStartError when a new
     database cannot get the Hub copy: starting empty would later push an empty backup over the real one."""
     folder, runs_dir = Path(folder), Path(runs_dir)
+    # A new database stays "new" until its restore is done: a first start that failed (the pull, or killed) left a
+    # migrated file behind, and the next start must restore into it, not serve it empty and back that up.
+    new_db = new_db or store.get_setting(RESTORE_PENDING) == "1"
+    if new_db:
+        store.set_setting(RESTORE_PENDING, "1")
     hub = HubSync.from_env(hub_repo, folder)
     if hub_repo and hub is None:
         log(f"prefloop: warning: --backup-hub-repo {hub_repo} needs HF_TOKEN; backing up to {folder} only")
@@ -84,6 +90,8 @@ def start_backups(
                 else f"prefloop: the Hub repo {hub_repo} does not exist yet; the first push creates it"
             )
     restored = restore(store, folder) if new_db else {}
+    if new_db:
+        store.set_setting(RESTORE_PENDING, "0")
     if any(restored.values()):
         log(f"prefloop: restored {sum(restored.values())} rows from {folder}: {restored}")
     relinked = relink_adapters(store, folder, runs_dir)

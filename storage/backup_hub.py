@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,9 @@ class HubSync:
 
         self._busy = threading.Thread(target=run, name=f"hub-{what}", daemon=True)
         self._busy.start()
-        self._busy.join(self.deadline_s)
+        started = time.monotonic()
+        while self._busy.is_alive() and time.monotonic() - started < self.deadline_s:  # re-read: the shutdown
+            self._busy.join(0.2)  # lowers deadline_s, and a call already waiting must give up by then too
         if self._busy.is_alive():
             raise HubSyncError(f"Hub {what} of {self.repo_id} at {self.endpoint}: no end within {self.deadline_s:g} s")
         if "error" in box:

@@ -171,3 +171,25 @@ def test_a_fresh_disk_pulls_the_repo_and_restores_it(online, hub_server, store, 
     assert dump(again) == before
     assert Backup(again, tmp_path / "pulled").flush()["flush"] is None
     again.close()
+
+
+def test_a_first_start_that_failed_is_still_new_at_the_next(online, store, tmp_path, monkeypatch):
+    """A new database whose first start failed (the Hub pull) left its migrated file: the next start saw an existing
+    database, skipped the restore and served (and backed up) an empty store over the real backup."""
+    from labeling.backups import BackupStartError, start_backups
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    for new_db in (True, False):  # the second start finds the file the first one left
+        with pytest.raises(BackupStartError, match="The database is new"):
+            start_backups(store, tmp_path / "backup", new_db=new_db, runs_dir=tmp_path / "runs", hub_repo="a/b")
+
+
+def test_a_call_waiting_on_the_hub_gives_up_when_the_deadline_is_lowered(tmp_path):
+    """The shutdown lowers the deadline so its flush is not stuck behind a push already waiting (up to 900 s)."""
+    hub = HubSync("someone/data", tmp_path, "hf_test", endpoint="http://127.0.0.1:9", deadline_s=900)
+    threading.Timer(0.3, lambda: setattr(hub, "deadline_s", 0.5)).start()
+    began = time.monotonic()
+    with pytest.raises(HubSyncError, match="no end within"):
+        hub._bounded("push", time.sleep, 5)
+    assert time.monotonic() - began < 2
