@@ -233,7 +233,7 @@ def test_cli_prints_the_leaderboard_as_json(arena, tmp_path):
 def test_cli_errors_are_one_line(arena, tmp_path):
     missing = tmp_path / "never.duckdb"
     for result, fragment in (
-        (run_cli("leaderboard", "--db", str(missing)), "no such file"),
+        (run_cli("leaderboard", "--db", str(missing)), "no such database file"),
         (run_cli("leaderboard", "--db", str(arena["db"]), "--bootstrap", "-1"), "bootstrap"),
     ):
         assert result.returncode == 1 and result.stdout == "", result.stderr

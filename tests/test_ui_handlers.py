@@ -118,7 +118,7 @@ def test_an_export_with_nothing_to_write_leaves_no_folder_behind(store, services
     before = set(Path(tempfile.gettempdir()).glob(f"{EXPORT_PREFIX}*"))
     file, message = DataHandlers(services, Access(), 1000).do_export("dpo", ".jsonl", as_user(None))
     assert file is None and message.startswith("Nothing to export")
-    assert set(Path(tempfile.gettempdir()).glob(f"{EXPORT_PREFIX}*")) == before
+    assert set(Path(tempfile.gettempdir()).glob(f"{EXPORT_PREFIX}*")) <= before  # (it prunes hour-old ones too)
 
 
 def test_the_run_view_sends_nothing_while_the_run_is_unchanged(store, services):
