@@ -84,10 +84,12 @@ def start_backups(
                 ) from exc
             log(f"prefloop: warning: {exc}; the local database is kept and pushed as usual")
         else:
+            if new_db and not pulled["exists"]:
+                _claim(hub, hub_repo)
             log(
                 f"prefloop: pulled {pulled['shards']} backup shards from {hub_repo}"
                 if pulled["exists"]
-                else f"prefloop: the Hub repo {hub_repo} does not exist yet; the first push creates it"
+                else f"prefloop: the Hub repo {hub_repo} did not exist: created it, empty"
             )
     restored = restore(store, folder) if new_db else {}
     if new_db:
@@ -99,6 +101,18 @@ def start_backups(
         log(f"prefloop: adapters of versions {relinked} restored from the backup into {runs_dir}")
     scheduler = BackupScheduler(store, folder, every_s, hub=hub, extra=lambda: run_adapters(runs_dir))
     return BackupSetup(scheduler, hub, restored, relinked)
+
+
+def _claim(hub: HubSync, repo: str) -> None:
+    """A new database and a repo the Hub says is not there: create it now. The Hub says the same of a private repo
+    this token may not read; starting empty then would lose every vote at the next restart (its pushes fail)."""
+    try:
+        hub.create()
+    except HubSyncError as exc:
+        raise BackupStartError(
+            f"the Hub repo {repo} cannot be read or created with this HF_TOKEN ({exc}). If it exists, give the token "
+            "read and write access to it; the database is new, so the app does not start without its backup"
+        ) from exc
 
 
 def run_adapters(runs_dir: str | Path) -> dict[str, Path]:

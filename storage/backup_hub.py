@@ -73,6 +73,11 @@ class HubSync:
         shards = sum(len(list_shards(self.folder, table)) for table in TABLES)
         return {"repo": self.repo_id, "exists": True, "shards": shards}
 
+    def create(self) -> None:
+        """Create the repo, refusing one that exists (HubSyncError): the Hub answers "not found" also for a private
+        repo this token may not read, so a new database claims the repo before it starts empty."""
+        self._bounded("create", self.api.create_repo, self.repo_id, repo_type="dataset", private=self.private)
+
     def push(self, extra: Mapping[str, str | Path] | None = None) -> dict:
         """Upload the folder's shards and manifest (creating the repo when missing; deleting there the snapshots
         pruned here), then each extra local folder under its path in the repo. Returns the commit urls."""

@@ -193,3 +193,17 @@ def test_a_call_waiting_on_the_hub_gives_up_when_the_deadline_is_lowered(tmp_pat
     with pytest.raises(HubSyncError, match="no end within"):
         hub._bounded("push", time.sleep, 5)
     assert time.monotonic() - began < 2
+
+
+def test_a_new_database_refuses_a_repo_it_can_neither_read_nor_create(
+    online, hub_server, store, tmp_path, monkeypatch
+):
+    """The Hub answers "not found" for a private repo the token may not read: a new database used to start empty
+    ("the first push creates it") and lose its votes at the next restart, every push failing."""
+    from labeling.backups import BackupStartError, start_backups
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub_server.server_address[1]}")
+    with pytest.raises(BackupStartError, match="cannot be read or created with this HF_TOKEN"):
+        start_backups(store, tmp_path / "backup", new_db=True, runs_dir=tmp_path / "runs", hub_repo="someone/data")
+    assert ("POST", "/api/repos/create") in [(m, p) for m, p, _, _ in hub_server.seen]
