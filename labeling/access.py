@@ -113,6 +113,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+PRUNE_AT = 10_000  # buckets kept before idle ones are dropped (one per client address or login)
+
+
 class RateLimiter:
     """A token bucket per user: bursts of `burst`, then `rate` requests per second sustained.
 
@@ -128,6 +131,9 @@ class RateLimiter:
     def allow(self, key: str) -> bool:
         now = time.monotonic()
         with self._lock:
+            if len(self._buckets) > PRUNE_AT:  # a bucket idle this long is full again: forgetting it changes nothing
+                idle = self.burst / self.rate
+                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < idle}
             tokens, last = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate)
             if tokens < 1:
@@ -187,9 +193,12 @@ class Access:
     def annotator(self, request, claimed: str | None) -> str:
         """The name a labeling call acts for: the login under auth (another name is refused), else `claimed`."""
         who = self.require(request, "label")
-        key = who.name or (claimed or "").strip()
-        # A call without a name does no work (every service refuses an empty name): it takes from no bucket, else
-        # every anonymous page load would share one, and one client's flood would lock everyone else out.
+        if claimed is not None and not isinstance(claimed, str):
+            raise AccessDenied("A name is text.")
+        # Without a login the bucket is the client's address, not the name it claims: new names would be new
+        # buckets, and a flood under someone's name would lock them out. A call without a name does no work (every
+        # service refuses an empty name): it takes from no bucket, else every anonymous page load would share one.
+        key = who.name or ((claimed or "").strip() and f"client:{client_host(request)}")
         if key and not self.limiter.allow(key):
             raise AccessDenied("Too many requests: slow down (at most about 20 per second).")
         if who.name is None:
@@ -197,6 +206,12 @@ class Access:
         if claimed and claimed.strip() and claimed.strip() != who.name:
             raise AccessDenied(f"You are logged in as {who.name}: you cannot label as {claimed.strip()!r}.")
         return who.name
+
+
+def client_host(request) -> str:
+    """The address a request came from (the connection's, not a header a client could set)."""
+    client = getattr(request, "client", None)
+    return str(getattr(client, "host", "") or "")
 
 
 def login_name(request) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,18 @@ from storage.tallies import vote_counts
 MAX_PROMPT_CHARS = 8_000  # longer than the bundled model's useful context; bigger input is rejected, not cut
 MAX_RATIONALE_CHARS = 4_000
 MAX_EDIT_CHARS = 20_000
+# Unicode categories no name may hold: controls, invisible format characters (zero-width, right-to-left override:
+# a name that looks like someone else's), line and paragraph separators, lone surrogates
+HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+
+
+def pair_number(pair_id) -> int:
+    """A pair id as a client sends it: a whole number, or its digits as text (1.9, True or "1_0" are no pair)."""
+    if isinstance(pair_id, int) and not isinstance(pair_id, bool):
+        return pair_id
+    if isinstance(pair_id, str) and pair_id.strip().isascii() and pair_id.strip().isdigit():
+        return int(pair_id.strip())
+    raise UserError(f"There is no pair {str(pair_id)[:40]!r}.")
 
 
 def other_base(store, version: dict) -> str | None:
@@ -58,10 +71,16 @@ class Services:
 
     # ---- annotators and votes ---------------------------------------------------------------------------
     def annotator_name(self, name: str | None) -> str:
+        if name is not None and not isinstance(name, str):
+            raise UserError("A name is text.")
         name = (name or "").strip()
         if not name:
             raise UserError("Tell us your name first: every vote records who cast it.")
-        if len(name) > 64 or any(ch in "<>" or ch < " " or ch == "\x7f" for ch in name) or not is_unicode(name):
+        if (
+            len(name) > 64
+            or any(ch in "<>" or unicodedata.category(ch) in HIDDEN for ch in name)
+            or not is_unicode(name)
+        ):
             raise UserError("Names are at most 64 characters, without < >, line breaks or control characters.")
         return name
 
@@ -72,10 +91,9 @@ class Services:
         annotator = self.annotator_name(annotator)
         if choice not in CHOICES:
             raise UserError(f"Unknown choice {choice!r}: use {', '.join(CHOICES)}.")
-        try:
-            pair_id = int(pair_id)
-        except (TypeError, ValueError):
-            raise UserError(f"There is no pair {pair_id!r}.") from None
+        pair_id = pair_number(pair_id)
+        if not all(isinstance(text, str | None) for text in (rationale, edited)):
+            raise UserError("The rationale and the edited answer are text.")
         rationale, edited = (rationale or "").strip(), (edited or "").strip()
         if len(rationale) > MAX_RATIONALE_CHARS:
             raise UserError(f"The rationale is over {MAX_RATIONALE_CHARS} characters.")
@@ -101,10 +119,9 @@ class Services:
         annotator = self.annotator_name(annotator)
         if side not in ("answer_a", "answer_b"):
             raise UserError(f"Unknown side {side!r}.")
-        try:
-            pair_id = int(pair_id)
-        except (TypeError, ValueError):
-            raise UserError("No pair on screen.") from None
+        if pair_id in (None, ""):
+            raise UserError("No pair on screen.")
+        pair_id = pair_number(pair_id)
         if self.queue.lease_holder(pair_id) != annotator:
             raise UserError(f"Pair {pair_id} is not leased to you.")
         return self.queue.pair_view(pair_id)[side]

@@ -141,3 +141,35 @@ def test_the_leaderboard_timer_checks_the_caller_before_it_reads_the_store():
     anonymous = SimpleNamespace(username=None, session={})
     assert handlers.refresh_if_changed(None, anonymous) == [gr.skip()] * 9
     assert "Log in first" in handlers.refresh(anonymous)[0]
+
+
+def test_without_logins_the_rate_limit_follows_the_client_not_the_name_it_claims():
+    """New names were new buckets (a flood under mallory0…mallory299 passed), and a flood under 'alice' locked the
+    real alice out; idle buckets are forgotten, so made-up keys cannot grow memory without bound."""
+    import labeling.access as access_module
+
+    access = Access(local=False)
+    mallory, alice = (SimpleNamespace(username=None, session={}, client=SimpleNamespace(host=h))
+                      for h in ("10.0.0.66", "10.0.0.7"))  # fmt: skip
+    with pytest.raises(AccessDenied, match="Too many requests"):
+        for i in range(300):
+            access.annotator(mallory, f"mallory{i}")
+    assert access.annotator(alice, "alice") == "alice"  # another client is not affected, whatever was claimed
+    limiter = RateLimiter(rate=1e6, burst=1.0)  # a bucket is idle (full again) after a microsecond
+    for i in range(access_module.PRUNE_AT + 50):
+        limiter.allow(f"k{i}")
+    assert len(limiter._buckets) < access_module.PRUNE_AT
+
+
+def test_names_with_hidden_characters_and_pair_ids_that_are_not_whole_numbers_are_refused(tmp_path):
+    from labeling.services import Services, UserError, pair_number
+
+    services = Services(None, None, None, None)
+    for name in ("ali\u2028ce", "ali\x85ce", "\u202eecila", "alice\u200b", 5):
+        with pytest.raises(UserError):
+            services.annotator_name(name)
+    assert services.annotator_name(" Zoë ") == "Zoë"
+    for bad in (1.9, True, "1_0", "١", None, float("inf")):
+        with pytest.raises(UserError, match="There is no pair"):
+            pair_number(bad)
+    assert pair_number(7) == pair_number(" 7 ") == 7
