@@ -184,6 +184,9 @@ class GenerationEngine:
         with self._wakeup:
             if self._closed:
                 raise RuntimeError("the generation engine is closed")
+            for request in requests:  # again, under the lock unload_versions holds: it may have run since _request
+                if not self.has_version(request.version):
+                    raise VersionNotLoaded(f"version {request.version} is not loaded: call load_version first")
             self._inbox += requests
             self._wakeup.notify_all()
         return [r.future for r in requests]

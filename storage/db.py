@@ -120,10 +120,10 @@ class Store:
         `lock` ("pairs"): on PostgreSQL, also hold that advisory lock, so other app processes wait for it too."""
         with self._write_lock:
             cur = self._con.cursor()
-            cur.execute("BEGIN")
-            if lock and self.dialect == "postgres":
-                cur.lock(lock)
             try:
+                cur.execute("BEGIN")  # inside the try: a failed lock wait must still roll back and give the cursor
+                if lock and self.dialect == "postgres":  # (a pooled connection) back
+                    cur.lock(lock)
                 yield cur
                 cur.execute("COMMIT")
             except BaseException:

@@ -23,6 +23,7 @@ from pathlib import Path
 PREFIXES = ("postgresql://", "postgres://")
 POOL_SIZE = 16  # idle connections kept; more are opened while needed (a burst of request threads)
 IDLE_CHECK_SECONDS = 5.0  # a pooled connection idle longer is checked before use (one round trip)
+CSV_MAX_LINE = 1 << 30  # bytes of one CSV row DuckDB reads in duckdb_snapshot (its default, 2 MB, is too small)
 LOCKS = {"migrations": 7101, "pairs": 7102, "runner": 7103, "promotion": 7104}  # advisory lock keys (any fixed bigint)
 
 
@@ -247,6 +248,7 @@ def duckdb_snapshot(connections: PgConnections, tables: tuple[str, ...]):
     apply_migrations(con)
     con.execute("DELETE FROM model_versions")  # version 0 comes from the copy
     conn = connections.take()
+    copied = False
     try:
         with tempfile.TemporaryDirectory(prefix="prefloop-pg-") as folder:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -257,12 +259,18 @@ def duckdb_snapshot(connections: PgConnections, tables: tuple[str, ...]):
                     continue  # no rows (DuckDB cannot read an empty CSV file)
                 con.execute(
                     f"INSERT INTO {table} SELECT * FROM read_csv(?, header = false, columns = ?, delim = ',', "
-                    "quote = '\"', escape = '\"', nullstr = '', allow_quoted_nulls = false, auto_detect = false)",
+                    "quote = '\"', escape = '\"', nullstr = '', allow_quoted_nulls = false, auto_detect = false, "
+                    # told, not guessed from the first row (a \r in it made DuckDB expect \r\n and fail); a field
+                    # may hold 1,000,000 characters of up to 4 bytes, twice in a prompts row
+                    f"new_line = '\\n', max_line_size = {CSV_MAX_LINE})",
                     [str(path), types],
                 )
             conn.execute("COMMIT")
+        copied = True
     finally:
         connections.give(conn)
+        if not copied:
+            con.close()
     return con
 
 

@@ -215,3 +215,18 @@ def test_a_cancelled_pair_stream_frees_its_engine_rows(engine):
         time.sleep(0.05)
     assert all(f.cancelled() for f in stream._futures)
     assert engine.submit([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4, seed=1)).result(60)
+
+
+def test_an_adapter_unloaded_between_the_check_and_the_queue_fails_only_that_request(engine, tiny_model_dir, tmp_path):
+    """unload_versions ran after a request was checked but before it was queued: the worker met a missing adapter
+    and failed every row of the batch with it (a KeyError), not only the request for the unloaded version."""
+    from generation.sampling import VersionNotLoaded
+
+    engine.load_version(2, make_adapter(tiny_model_dir, tmp_path / "v2"))
+    engine.load_version(3, make_adapter(tiny_model_dir, tmp_path / "v3", seed=3))  # PEFT keeps one loaded
+    running = engine.submit(chat("Count to twenty."), SamplingParams(max_new_tokens=60, seed=1))
+    late = engine._request(chat("Hi"), SamplingParams(max_new_tokens=4), 2)  # checked: version 2 is loaded
+    assert engine.unload_versions({3}) == [2]
+    with pytest.raises(VersionNotLoaded):
+        engine._enqueue([late])
+    assert running.result(timeout=60).token_count > 0  # the base's request is unharmed

@@ -94,3 +94,44 @@ def test_two_processes_promoting_at_once_leave_exactly_one_version_serving(url):
     finally:
         first.close()
         second.close()
+
+
+def test_a_carriage_return_in_the_first_row_does_not_break_the_dpo_export(url, tmp_path):
+    """The PostgreSQL tables reach DuckDB as CSV: DuckDB guessed the line ending from the first row, so a \\r there
+    (CRLF text in a prompt) failed every dpo/reward export and reward scoring for good."""
+    from storage.exporters import export
+    from tests.datahelpers import seed_preferences
+
+    store = Store(url)
+    try:
+        store.add_prompt("A prompt written on Windows:\r\nsecond line", "test")
+        seed_preferences(store, 4)
+        assert export(store, "dpo", tmp_path / "dpo.jsonl") == 4
+    finally:
+        store.close()
+
+
+def test_a_lock_wait_that_fails_gives_its_connection_back(url):
+    """A failed advisory-lock wait (lock_timeout, a cancel) left its pooled connection idle in an aborted
+    transaction, outside the pool, until garbage collection."""
+    database = url.rsplit("/", 1)[1]
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE \"{database}\" SET lock_timeout = '200ms'")
+        holder = psycopg.connect(url, autocommit=True)
+        holder.execute("SELECT pg_advisory_lock(%s)", [pg.LOCKS["pairs"]])
+        store = Store(url)
+        try:
+            kept = []  # the errors, kept as a watcher's last_error keeps one (with its traceback)
+            for _ in range(3):
+                with pytest.raises(psycopg.errors.LockNotAvailable) as failed:
+                    with store.transaction(lock="pairs"):
+                        pass
+                kept.append(failed)
+            aborted = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state LIKE 'idle in transaction%%'",
+                [database],
+            ).fetchone()[0]
+            assert aborted == 0
+        finally:
+            store.close()
+            holder.close()
