@@ -252,7 +252,8 @@ class GenerationEngine:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from 0 at its first real token
         now = time.perf_counter()
         rows = [Row(r, torch.Generator().manual_seed(r.params.seed), now, len(r.prompt_ids)) for r in requests]
-        cache = DynamicCache(config=self.config)
+        cache = DynamicCache()  # full layers (no config): a sliding-window layer drops columns Batch.keep and
+        # Batch.merge rewrite, and every row of a batch failed on such models (Mistral v0.1, Gemma 2/3)
         logits = self._forward(ids, mask, positions, cache, rows)
         new = Batch(rows, cache, mask, torch.zeros(len(rows), 1, dtype=torch.long, device=device))
         self._advance(new, logits)

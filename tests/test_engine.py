@@ -230,3 +230,33 @@ def test_an_adapter_unloaded_between_the_check_and_the_queue_fails_only_that_req
     with pytest.raises(VersionNotLoaded):
         engine._enqueue([late])
     assert running.result(timeout=60).token_count > 0  # the base's request is unharmed
+
+
+def test_a_sliding_window_model_batches_like_it_answers_alone(tiny_model_dir, tmp_path):
+    """Mistral-style sliding-window attention: the cache's sliding layers dropped the columns the batch rewrites
+    when rows joined or left, and every request of a batch failed; now each answer is the same alone or batched."""
+    import random
+
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from generation.engine import GenerationEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           sliding_window=24, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                           tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "sw")
+    tokenizer.save_pretrained(tmp_path / "sw")
+    engine = GenerationEngine(str(tmp_path / "sw"), max_batch=6)
+    try:
+        rng = random.Random(1)
+        words = [" ".join(rng.choice(["cat", "dog", "sky"]) for _ in range(rng.randint(1, 40))) for _ in range(8)]
+        requests = [(chat(w), SamplingParams(temperature=0, max_new_tokens=rng.randint(5, 40), seed=k))
+                    for k, w in enumerate(words)]  # fmt: skip
+        alone = [engine.submit(m, p).result(timeout=60).token_ids for m, p in requests]
+        batched = [f.result(timeout=60).token_ids for f in [engine.submit(m, p) for m, p in requests]]
+        assert batched == alone
+    finally:
+        engine.close()
