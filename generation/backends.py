@@ -26,6 +26,8 @@ from generation.sampling import Generation, SamplingParams
 HTTP_TIMEOUT_SECONDS = 120.0  # one completion of a few hundred tokens on a busy server
 MAX_PARALLEL_REQUESTS = 8  # a batch becomes this many concurrent HTTP requests at most
 REPLY_EXCERPT_CHARS = 300  # how much of a bad reply an error message quotes
+READ_BYTES = 65_536  # a JSON reply is read in pieces of at most this, the deadline checked between them
+STOPPED = ("content_filter", "abort")  # finish reasons of an answer the server cut short for its own reasons
 
 Batch = list[tuple[list[dict], SamplingParams]]
 
@@ -123,7 +125,7 @@ class OpenAICompatibleBackend:
                 if response.headers.get_content_type() == "text/event-stream":
                     text, finish, tokens = self._read_events(response, started)
                 else:
-                    text, finish, tokens = self._read_json(response)
+                    text, finish, tokens = self._read_json(response, started)
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", "replace")[:REPLY_EXCERPT_CHARS]
             raise BackendError(f"{self.url} answered HTTP {exc.code}: {detail}") from None
@@ -135,9 +137,13 @@ class OpenAICompatibleBackend:
             raise BackendError(f"cannot reach {self.url}: {exc.reason}") from None
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, cut off mid-answer
             raise BackendError(f"cannot reach {self.url}: {type(exc).__name__}: {exc}") from None
+        if finish in STOPPED:  # cut by the server (a filter, an abort): not an answer to judge
+            raise BackendError(f"{self.url} stopped the answer ({finish}): {text[:REPLY_EXCERPT_CHARS]!r}")
         return Generation(
             text=text,
-            token_count=int(tokens) if tokens is not None else len(text.split()),  # words when the server omits usage
+            token_count=tokens
+            if isinstance(tokens, int) and tokens >= 0
+            else len(text.split()),  # words without usage
             latency_ms=(time.perf_counter() - started) * 1000,
             params=params,
             version=None,
@@ -145,8 +151,13 @@ class OpenAICompatibleBackend:
             finish_reason="length" if finish == "length" else "eos",
         )
 
-    def _read_json(self, response) -> tuple[str, str | None, int | None]:
-        raw = response.read().decode("utf-8", "replace")
+    def _read_json(self, response, started: float) -> tuple[str, str | None, int | None]:
+        parts = []  # read as it comes, so `timeout` bounds the whole answer (read() waits per socket read only)
+        while chunk := response.read1(READ_BYTES):
+            parts.append(chunk)
+            if time.perf_counter() - started > self.timeout:
+                raise TimeoutError
+        raw = b"".join(parts).decode("utf-8", "replace")
         try:
             reply = json.loads(raw)
             choice = reply["choices"][0]
@@ -156,11 +167,12 @@ class OpenAICompatibleBackend:
         except (KeyError, IndexError, TypeError):
             excerpt = raw[:REPLY_EXCERPT_CHARS]
             raise BackendError(f"{self.url} answered without choices[0].message.content: {excerpt}") from None
-        return text, choice.get("finish_reason"), (reply.get("usage") or {}).get("completion_tokens")
+        usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
+        return text, choice.get("finish_reason"), usage.get("completion_tokens")
 
     def _read_events(self, response, started: float) -> tuple[str, str | None, int | None]:
         """Server-sent events: text from each chunk's choices[0].delta.content, until `data: [DONE]` or the end."""
-        parts, finish, tokens = [], None, None
+        parts, finish, tokens, done = [], None, None, False
         for line in response:
             if time.perf_counter() - started > self.timeout:
                 raise TimeoutError
@@ -169,6 +181,7 @@ class OpenAICompatibleBackend:
                 continue  # blank separators, comments, event names
             data = line[len("data:") :].strip()
             if data == "[DONE]":
+                done = True
                 break
             try:
                 chunk = json.loads(data)
@@ -176,12 +189,19 @@ class OpenAICompatibleBackend:
                 raise BackendError(
                     f"{self.url} streamed a line that is not JSON: {data[:REPLY_EXCERPT_CHARS]!r}"
                 ) from None
+            if not isinstance(chunk, dict):
+                raise BackendError(
+                    f"{self.url} streamed a line that is no JSON object: {data[:REPLY_EXCERPT_CHARS]!r}"
+                )
             if "error" in chunk:
                 raise BackendError(f"{self.url} streamed an error: {str(chunk['error'])[:REPLY_EXCERPT_CHARS]}")
             for choice in (chunk.get("choices") or [])[:1]:
                 parts.append((choice.get("delta") or {}).get("content") or "")
                 finish = choice.get("finish_reason") or finish
-            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+            usage = chunk.get("usage") if isinstance(chunk.get("usage"), dict) else {}
+            tokens = usage.get("completion_tokens", tokens)
+        if not done and finish is None:  # the connection closed mid-answer: a cut answer must not look finished
+            raise BackendError(f"{self.url} ended the stream before the answer finished: {''.join(parts)[-80:]!r}")
         return "".join(parts), finish, tokens
 
 

@@ -48,6 +48,7 @@ class EndpointSide:
         self.last_error: str | None = None  # the last failure, until an answer arrives
         self._lock = threading.Lock()
         self._in_flight = self._failures = 0
+        self._failed_at = float("-inf")  # when the last failure that doubled the pause was recorded
         self._resume_at = 0.0  # time.monotonic() when a resting strategy may ask the server again
         self._credit = 0.0
 
@@ -79,10 +80,11 @@ class EndpointSide:
         local = engine.submit(messages, params, version)  # first: a refused request (too long) starts no HTTP call
         with self._lock:
             self._in_flight += 1
+        sent = time.monotonic()
         try:
             remote = self.backend.submit(sides[1 - local_at][0], sides[1 - local_at][1])
         except BaseException:
-            self._record(BackendError("the request could not be started"))
+            self._record(BackendError("the request could not be started"), sent)
             local.cancel()
             raise
         local_view, remote_view = Future(), Future()
@@ -93,7 +95,7 @@ class EndpointSide:
 
         def remote_done(done: Future) -> None:
             error = BackendError(f"{self.name}: the request was cancelled") if done.cancelled() else done.exception()
-            self._record(error)
+            self._record(error, sent)
             if error is None:
                 _settle(remote_view, done)
                 return
@@ -106,17 +108,22 @@ class EndpointSide:
         remote.add_done_callback(remote_done)
         return [local_view, remote_view] if local_at == 0 else [remote_view, local_view]
 
-    def _record(self, error: BaseException | None) -> None:
+    def _record(self, error: BaseException | None, sent: float) -> None:
+        """One answer or failure of a request sent at `sent`. Requests in flight together when the server fails
+        are one failure: the pause doubles only for a request sent after the last failure (4 pairs in flight at
+        one outage paused 240 s instead of 30)."""
         with self._lock:
             self._in_flight -= 1
             if error is None:
                 self.answers += 1
                 self._failures, self.last_error = 0, None
                 return
-            self._failures += 1
+            self.last_error = f"{error}"
+            if sent <= self._failed_at:
+                return
+            self._failures, self._failed_at = self._failures + 1, time.monotonic()
             rest = min(self.backoff_s * 2 ** (self._failures - 1), self.max_backoff_s)
             self._resume_at = time.monotonic() + rest
-            self.last_error = f"{error}"
 
     def status(self) -> str | None:
         """None while the served model answers; after a failure, what went wrong and when it is asked again."""

@@ -32,11 +32,19 @@ class FakeOpenAI(http.server.BaseHTTPRequestHandler):
         mode = self.server.mode
         text = f"served answer to: {body['messages'][-1]['content']}"
         if mode == "error":
+            time.sleep(getattr(self.server, "error_delay", 0.0))
             return self.reply(500, b'{"error": {"message": "the model is overloaded"}}')
         if mode == "garbage":
             return self.reply(200, b"<html>gateway</html>")
         if mode == "slow":
             time.sleep(self.server.delay)
+        if mode == "drip":  # a whole answer, one byte at a time: every read is quick, the answer is not
+            return self.reply(200, json.dumps({"choices": [{"message": {"content": text}}]}).encode(), drip=0.03)
+        if mode in ("cut", "filtered"):  # the connection closes mid-stream / the server's filter stops the answer
+            first = {"choices": [{"delta": {"content": "The answer is"}, "finish_reason": None}]}
+            last = [] if mode == "cut" else [{"choices": [{"delta": {}, "finish_reason": "content_filter"}]}]
+            data = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in [first, *last])
+            return self.reply(200, data + (b"data: [DONE]\n\n" if last else b""), "text/event-stream")
         if mode == "stream" or body.get("stream"):
             chunks = [{"choices": [{"delta": {"content": w + " "}, "finish_reason": None}]} for w in text.split()]
             chunks[-1]["choices"][0]["finish_reason"] = "length"
@@ -46,13 +54,16 @@ class FakeOpenAI(http.server.BaseHTTPRequestHandler):
         reply = {"model": "served-model-2025-01-01", "usage": {"completion_tokens": 5}, "choices": [answer]}
         self.reply(200, json.dumps(reply).encode())
 
-    def reply(self, status: int, data: bytes, kind: str = "application/json") -> None:
+    def reply(self, status: int, data: bytes, kind: str = "application/json", drip: float = 0.0) -> None:
         try:
             self.send_response(status)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            for i in range(0, len(data), 1 if drip else len(data)):
+                self.wfile.write(data[i : i + 1] if drip else data)
+                self.wfile.flush()
+                time.sleep(drip)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): fine
             pass
 
@@ -122,7 +133,9 @@ def test_the_backend_reads_json_and_streamed_answers_and_fails_clearly(server):
     assert server.requests[-1][1]["stream"] is True
 
     for mode, message in [("error", "HTTP 500.*overloaded"), ("garbage", "did not answer with JSON"),
-                          ("slow", "did not answer within 1 s")]:  # fmt: skip
+                          ("slow", "did not answer within 1 s"), ("drip", "did not answer within 1 s"),
+                          ("cut", "ended the stream before the answer finished"),
+                          ("filtered", "stopped the answer \\(content_filter\\)")]:  # fmt: skip
         server.mode = mode
         with pytest.raises(BackendError, match=message):
             backend.generate([(messages, QUICK)])
@@ -207,3 +220,16 @@ def test_app_flags_for_a_served_model(capsys):
         with pytest.raises(SystemExit):
             app.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_pairs_in_flight_when_the_server_fails_are_one_failure_for_the_backoff(engine, server):
+    """Four pairs in flight at one HTTP 500 doubled the pause four times (240 s instead of 30)."""
+    server.mode, server.error_delay = "error", 0.5  # all four are sent before the first answer comes
+    side = EndpointSide(OpenAICompatibleBackend(server.url, SERVED, timeout=5.0), backoff_s=30, max_backoff_s=600)
+    messages = [{"role": "user", "content": "Hi?"}]
+    futures = [side.submit_pair(engine, [(messages, QUICK, 0), (messages, QUICK, ENDPOINT)]) for _ in range(4)]
+    for pair in futures:
+        with pytest.raises(BackendError):
+            pair[1].result(timeout=30)
+    wait_until(lambda: side.status() is not None, what="the failure to be recorded")
+    assert "asking again in 30 s" in side.status() or "asking again in 29 s" in side.status()
