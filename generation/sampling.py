@@ -20,6 +20,9 @@ import torch.nn.functional as F
 
 from generation.defaults import repetition_penalty_problem
 
+FINITE = 1e30  # NaN / inf logits become ±this (divided by MIN_TEMPERATURE it stays below float32's 3.4e38)
+MIN_TEMPERATURE = 1e-3
+
 
 class VersionNotLoaded(ValueError):
     """A request for a model version the engine has not loaded (or has unloaded since: a rejected candidate)."""
@@ -139,12 +142,14 @@ def sample_next(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     """One token per row. Greedy when temperature is 0; else top-p sampling by an exponential race (argmax of p/E):
     each sampled row draws exactly one uniform per vocabulary entry per step from its own generator, so tiny
     numeric differences between batch compositions almost never change the pick (unlike inverse-CDF sampling)."""
-    logits = penalise_repeats(logits.float(), rows)
+    # finite values only: a NaN or inf (float16 overflow on a GPU) failed every row of the batch in the cutoff
+    logits = torch.nan_to_num(penalise_repeats(logits.float(), rows), nan=-FINITE, posinf=FINITE, neginf=-FINITE)
     picks = logits.argmax(dim=-1).tolist()
     sampled = [i for i, row in enumerate(rows) if row.request.params.temperature > 0]
     if not sampled:
         return picks
     temps = torch.tensor([rows[i].request.params.temperature for i in sampled], device=logits.device)
+    temps = temps.clamp(min=MIN_TEMPERATURE)  # below it softmax overflows to NaN; it samples as greedy anyway
     top_p = torch.tensor([rows[i].request.params.top_p for i in sampled], device=logits.device)
     probs = torch.softmax(logits[sampled] / temps[:, None], dim=-1)
     probs = probs.masked_fill(probs < nucleus_cutoff(probs, top_p), 0.0)

@@ -260,3 +260,10 @@ def test_a_sliding_window_model_batches_like_it_answers_alone(tiny_model_dir, tm
         assert batched == alone
     finally:
         engine.close()
+
+
+def test_a_tiny_temperature_samples_instead_of_failing_the_batch(engine):
+    """temperature 1e-39 passes validation; its softmax gave NaN and the cutoff failed every row of the batch."""
+    other = engine.submit(chat("Hello"), SamplingParams(max_new_tokens=8, seed=3))
+    tiny = engine.submit(chat("Hello"), SamplingParams(temperature=1e-39, max_new_tokens=8, seed=3))
+    assert tiny.result(timeout=60).token_count > 0 and other.result(timeout=60).token_count > 0
