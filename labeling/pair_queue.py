@@ -36,7 +36,7 @@ SELF_TEMPERATURES = (0.7, 1.0)  # one cooler, one hotter sample: different enoug
 RESERVED_ROWS = 2  # engine batch rows the refill leaves free, so a typed prompt starts streaming at once
 POLL_SECONDS = 2.0  # the refill thread also looks around this often when nobody wakes it
 ERROR_BACKOFF_SECONDS = 5.0
-STALE_SWEEP_SECONDS = 30.0  # a lease lasts minutes: an out-of-date pair whose lease ran out waits at most this long
+STALE_SWEEP_SECONDS = 30.0  # an out-of-date pair that became available again (lease ran out, skip) waits this long
 WAKE_COALESCE_SECONDS = 0.1  # short next to a generation (seconds), long next to a lease (milliseconds)
 
 
@@ -110,9 +110,9 @@ class PairQueue:
         while not self._stopping.is_set():
             try:
                 self._collect()
-                if time.monotonic() - swept > STALE_SWEEP_SECONDS:  # leases of out-of-date pairs that ran out
-                    swept = time.monotonic()
-                    self.retire_stale(self.engine.active_version, only_expired=True)
+                if time.monotonic() - swept > STALE_SWEEP_SECONDS:  # out-of-date pairs available again since the
+                    swept = time.monotonic()  # version changed: a lease that ran out, a skip
+                    self.retire_stale(self.engine.active_version)
                 self._top_up()
             except Exception as exc:  # a bad round must not end the thread; the UI shows the error
                 self.last_error = f"{type(exc).__name__}: {exc}"

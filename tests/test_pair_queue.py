@@ -389,3 +389,16 @@ def test_an_old_pair_whose_lease_ran_out_after_a_version_change_is_retired(store
                                     [utc_now() - timedelta(seconds=1), held["pair_id"]]))  # fmt: skip
     assert queue.retire_stale(version, only_expired=True) == 1
     assert queue.next_pair("bob") is None
+
+
+def test_an_old_pair_skipped_after_a_version_change_is_retired_by_the_sweep(store, engine, tiny_model_dir, tmp_path):
+    queue = PairQueue(store, engine, params=QUICK)
+    queue.generate_pairs(1)
+    held = queue.next_pair("alice")
+    adapter = make_adapter(tiny_model_dir, tmp_path / "v1")
+    version = store.add_version(base_model="tiny", adapter_path=str(adapter), parent_id=0)
+    engine.load_version(version, adapter)
+    engine.set_active(version)
+    queue.on_version_change(version)
+    queue.record_vote(held["pair_id"], "alice", "skip")  # back to ready for others, from the old version
+    assert queue.retire_stale(version) == 1 and queue.next_pair("bob") is None
