@@ -18,8 +18,9 @@ import duckdb
 
 from storage.db import MAX_FIELD_CHARS
 from storage.errors import ImportFailed
-from storage.import_formats import ARENA_CHOICES, detect_format
-from storage.tallies import NOT_BLANK, WHITESPACE
+from storage.import_checks import MACROS, jsonl_layout_ok, sha256_texts
+from storage.import_formats import ARENA_CHOICES, row_format
+from storage.tallies import WHITESPACE
 
 BULK_FORMATS = ("trl", "arena")
 RANGE_ROWS = 20_000  # fewer rows than this per range: the threads cost more than they save
@@ -29,32 +30,11 @@ PLAIN_TYPES = ("VARCHAR", "BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT",
                "DOUBLE", "BOOLEAN", '"NULL"')  # fmt: skip
 
 
-def _escape_chain(value: str) -> str:
-    """SQL of the JSON string body of `value`: backslash and quote escaped, then every control character."""
-    sql = f"replace(replace({value}, '\\', '\\\\'), '\"', '\\\"')"
-    for code in range(32):
-        escape = {8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r"}.get(code, f"\\u{code:04x}")
-        sql = f"replace({sql}, chr({code}), '{escape}')"
-    return sql
-
-
-MACROS = [
-    # to_json() writes \u000B where json.dumps writes \u000b: a string whose JSON holds a \u00 takes the long way
-    f"""CREATE OR REPLACE TEMP MACRO js(s) AS CASE WHEN contains(to_json(s)::VARCHAR, '\\u00')
-        THEN '"' || {_escape_chain("s")} || '"' ELSE to_json(s)::VARCHAR END""",
-    f"CREATE OR REPLACE TEMP MACRO not_blank(s) AS coalesce(regexp_matches(s, '{NOT_BLANK}'), false)",
-    """CREATE OR REPLACE TEMP MACRO messages_ok(ms) AS coalesce(len(ms) > 0
-        AND list_bool_and(list_transform(ms, lambda m: m.role IN ('system', 'user', 'assistant')
-                                                       AND m.content IS NOT NULL)), false)""",
-    """CREATE OR REPLACE TEMP MACRO prompt_ok(ms) AS coalesce(messages_ok(ms) AND ms[-1].role = 'user'
-        AND not_blank(ms[-1].content), false)""",
-]
-
-# The common tail: from (n, prompt, text_a, text_b, model_a, model_b, choice, annotator, params_a, params_b, ok) to
-# the stored forms and the hashes of the JSON texts of the prompt and of the dedupe key ({sha}: _sha256). Sorted keys
-# (content, role) for those, as json.dumps(sort_keys=True) writes them. concat(), not ||: a chain of || copies the
-# growing string at each step (ten times slower on these 1.5 KB keys); the two differ only on NULLs, which no row
-# that passes the checks (ok) has.
+# The common tail: from (n, prompt, text_a, text_b, model_a, model_b, choice, annotator, params_a, params_b, ok)
+# to the stored forms and the hashes of the JSON texts of the prompt and of the dedupe key ({sha}: sha256_texts).
+# Sorted keys (content, role) for those, as json.dumps(sort_keys=True) writes them. concat(), not ||: a chain of ||
+# copies the growing string at each step (ten times slower on these 1.5 KB keys); the two differ only on NULLs, which
+# no row that passes the checks (ok) has.
 KEYED = """
 SELECT n, ok, __longest AS longest, {sha}(concat('[', sorted, ']')) AS prompt_hash, stored AS messages,
        prompt[-1].content AS text, text_a, text_b, model_a, model_b, choice, annotator, params_a, params_b,
@@ -77,11 +57,13 @@ def bulk_import(store, path: Path, fmt: str, max_rows: int | None) -> dict | Non
         with store.read() as cur, _source(cur, path) as (source, count):
             if not count or (max_rows is not None and count > max_rows):
                 return None
-            if fmt == "auto":
+            auto = fmt == "auto"  # then every row must be of the first one's format (import_formats.detect_format)
+            if auto:
                 first = cur.sql(f"SELECT * EXCLUDE (__row) FROM {source} LIMIT 1").to_arrow_table()
-                fmt = detect_format(path, ("row 1", first.to_pylist()[0]))
-            ranges = _ranges(cur, count) if path.suffix.lower() == ".parquet" else [(0, count)]
-            staged = _stage(cur, source, fmt, ranges) if fmt in BULK_FORMATS else None
+                fmt = row_format(path, "row 1", first.to_pylist()[0])
+            parquet = path.suffix.lower() == ".parquet"
+            ranges = _ranges(cur, count) if parquet else [(0, count)]
+            staged = _stage(cur, source, fmt, ranges, auto, parquet) if fmt in BULK_FORMATS else None
     except (duckdb.Error, ValueError, TypeError):  # a shape the SQL did not foresee: the row-by-row importer decides
         return None
     if staged is None:
@@ -107,10 +89,10 @@ def _source(cur, path: Path):
         yield f"(SELECT * EXCLUDE (file_row_number), file_row_number AS __row FROM {source})", count
         return
     import pyarrow as pa
-    import pyarrow.json as pj
 
-    try:
-        table = pj.read_json(path)
+    try:  # only a file nested at most MAX_DEPTH deep (pyarrow crashes on a deeper one) and with one object per line
+        # (pyarrow also reads two on a line, or one over several lines) goes to pyarrow: import_checks.jsonl_layout_ok
+        table = _read_jsonl(path.read_bytes())
     except (pa.ArrowException, OSError, ValueError):
         table = None  # the row-by-row importer says what is wrong with it
     if table is None or "__row" in table.column_names:
@@ -124,7 +106,14 @@ def _source(cur, path: Path):
         cur.unregister(name)
 
 
-def _stage(cur, source: str, fmt: str, ranges: list[tuple[int, int]]):
+def _read_jsonl(data: bytes):
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    return pj.read_json(pa.BufferReader(data)) if jsonl_layout_ok(data) else None
+
+
+def _stage(cur, source: str, fmt: str, ranges: list[tuple[int, int]], auto: bool, parquet: bool):
     """The file's rows keyed and in stored form (an Arrow table), or None when any row would be refused.
 
     One pass over the file: the SQL builds each row's stored forms and the JSON texts of its keys, and a Python
@@ -133,7 +122,7 @@ def _stage(cur, source: str, fmt: str, ranges: list[tuple[int, int]]):
     of a parquet file are staged in row ranges on parallel cursors (_ranges): DuckDB runs one row group on one thread,
     and a file written in one row group (pyarrow's default up to 1M rows) would leave the other cores idle."""
     types = {name: str(kind) for name, kind, *_ in cur.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
-    rows = (_arena if fmt == "arena" else _trl)(types)
+    rows = _arena(types, parquet) if fmt == "arena" else _trl(types, auto)
     if rows is None:
         return None
 
@@ -146,7 +135,9 @@ def _stage(cur, source: str, fmt: str, ranges: list[tuple[int, int]]):
             for macro in MACROS:
                 own.execute(macro)
             sha = f"bulk_sha256_{uuid.uuid4().hex}"
-            own.create_function(sha, _sha256, [duckdb.sqltype("VARCHAR")], duckdb.sqltype("VARCHAR"), type="arrow")
+            own.create_function(
+                sha, sha256_texts, [duckdb.sqltype("VARCHAR")], duckdb.sqltype("VARCHAR"), type="arrow"
+            )
             ranged = source if whole else f"(SELECT * FROM {source} WHERE __row BETWEEN {part[0]} AND {part[1] - 1})"
             measured = f"(SELECT *, greatest({longest('strlen')}) AS __longest FROM {ranged})"
             sql = KEYED.replace("{rows}", rows.replace("{source}", measured)).replace("{sha}", sha)
@@ -185,26 +176,6 @@ def _ranges(cur, count: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:], strict=False))
 
 
-def _sha256(texts):
-    """The hex sha256 of each UTF-8 string of an Arrow string array, hashed straight from its buffers."""
-    import hashlib
-
-    import numpy as np
-    import pyarrow as pa
-
-    digests = []
-    for chunk in texts.chunks if isinstance(texts, pa.ChunkedArray) else [texts]:
-        if len(chunk) == 0:
-            continue
-        if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
-            chunk = chunk.cast(pa.large_string())
-        width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
-        offsets = np.frombuffer(chunk.buffers()[1], dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1].tolist()
-        data = memoryview(chunk.buffers()[2] or b"")
-        digests += [hashlib.sha256(data[a:b]).hexdigest() for a, b in zip(offsets, offsets[1:], strict=False)]
-    return pa.array(digests, pa.string())
-
-
 def _longest(name: str, kind: str, length: str) -> str:
     """SQL of at least the length of the longest text in column `name` (its text form, or its messages' texts), in
     bytes (`length` strlen: an upper bound on the characters, stored with each string) or in characters."""
@@ -230,7 +201,7 @@ def _is_messages(kind: str | None) -> bool:
     )
 
 
-def _arena(types: dict[str, str]) -> str | None:
+def _arena(types: dict[str, str], parquet: bool) -> str | None:
     """SQL of arena rows as parse_arena makes them (the shared prefix of the two conversations is the prompt)."""
     need = ("model_a", "model_b", "winner", "conversation_a", "conversation_b")
     if any(types.get(name) != "VARCHAR" for name in need[:3]) or not all(_is_messages(types.get(n)) for n in need[3:]):
@@ -243,21 +214,29 @@ def _arena(types: dict[str, str]) -> str | None:
         annotator = f"CASE WHEN not_blank(judge) THEN trim(judge, '{WHITESPACE}') ELSE 'import:arena' END"
     else:
         annotator = "'import:arena'"
-    finite = "".join(f' AND coalesce(isfinite("{n}"), true)' for n in extras if types[n] == "DOUBLE")
-    plain = "".join(
-        f""" || CASE WHEN "{n}" IS NULL THEN '' ELSE ', "{n}": ' || to_json("{n}")::VARCHAR END""" for n in extras
+    # Each extra as json.dumps writes it in the row importer's params: a text through js(); DuckDB writes a double as
+    # Python does only for 0 and 1e-4 <= |x| < 1e16, and a double read from JSON Lines may have been an integer there
+    # (5, not 5.0): any other double goes row by row.
+    exact = "".join(f' AND coalesce(plain_double("{n}"), true)' for n in extras if types[n] == "DOUBLE")
+    exact += "".join(
+        f' AND coalesce("{n}" <> trunc("{n}"), true)' for n in extras if types[n] == "DOUBLE" and not parquet
     )
+    value = {n: f'js("{n}")' if types[n] == "VARCHAR" else f'to_json("{n}")::VARCHAR' for n in extras}
+    plain = "".join(f""", CASE WHEN "{n}" IS NULL THEN '' ELSE concat(', "{n}": ', {value[n]}) END""" for n in extras)
     choices = " ".join(f"WHEN '{key}' THEN '{value}'" for key, value in ARENA_CHOICES.items())
-    params = """'{"source": "import:arena"'""" + plain
-    rest = """ || CASE WHEN len({0}) > 0 THEN ', "continuation": ' || to_json({0})::VARCHAR ELSE '' END || '}}'"""
+
+    def params(rest: str) -> str:
+        chat = f"""CASE WHEN len({rest}) > 0 THEN concat(', "continuation": ', {_chat_json(rest)}) ELSE '' END"""
+        return f"""concat('{{"source": "import:arena"'{plain}, {chat}, '}}')"""
+
     return f"""
         SELECT n, __longest, prompt, first_a.content AS text_a, first_b.content AS text_b, model_a, model_b,
-               CASE winner {choices} END AS choice, annotator, {params}{rest.format("rest_a")} AS params_a,
-               {params}{rest.format("rest_b")} AS params_b,
+               CASE winner {choices} END AS choice, annotator, {params("rest_a")} AS params_a,
+               {params("rest_b")} AS params_b,
                coalesce(winner IN ({", ".join(f"'{k}'" for k in ARENA_CHOICES)}) AND not_blank(model_a)
                         AND not_blank(model_b) AND messages_ok(a) AND messages_ok(b) AND size > 0
                         AND NOT (size = len(a) AND size = len(b)) AND prompt_ok(prompt)
-                        AND first_a.role = 'assistant' AND first_b.role = 'assistant' {finite}, false) AS ok
+                        AND first_a.role = 'assistant' AND first_b.role = 'assistant' {exact}, false) AS ok
         FROM (SELECT *, a[1:size] AS prompt, a[size + 1] AS first_a, b[size + 1] AS first_b, a[size + 2:] AS rest_a,
                      b[size + 2:] AS rest_b
               FROM (SELECT *, coalesce(list_position(list_transform(range(1, least(len(a), len(b)) + 1),
@@ -269,8 +248,15 @@ def _arena(types: dict[str, str]) -> str | None:
                           FROM {{source}})))"""
 
 
-def _trl(types: dict[str, str]) -> str | None:
-    """SQL of trl rows with an explicit prompt, as parse_trl makes them (chosen on side A, choice A)."""
+def _chat_json(column: str) -> str:
+    """SQL of json.dumps of a message list (role and content only), as stored."""
+    pair = "'\"role\": ', js(m.role), ', ', '\"content\": ', js(m.content)"
+    return f"concat('[', array_to_string(list_transform({column}, lambda m: concat('{{', {pair}, '}}')), ', '), ']')"
+
+
+def _trl(types: dict[str, str], auto: bool) -> str | None:
+    """SQL of trl rows with an explicit prompt, as parse_trl makes them (chosen on side A, choice A). Detected (auto),
+    no row may look like hh (a 'Human:' transcript): the row-by-row importer refuses a file that mixes formats."""
     prompt, chosen, rejected = types.get("prompt"), types.get("chosen"), types.get("rejected")
     kinds = {"VARCHAR": "text", **{kind: "chat" for kind in (prompt, chosen, rejected) if _is_messages(kind)}}
     if prompt not in kinds or chosen not in kinds or rejected not in kinds or kinds[prompt] != kinds[chosen]:
@@ -289,6 +275,8 @@ def _trl(types: dict[str, str]) -> str | None:
         )
 
     (text_a, ok_a), (text_b, ok_b) = answer("chosen", chosen), answer("rejected", rejected)
+    if auto and kinds[chosen] == "text":  # as import_formats.row_format tells hh from trl
+        ok_a += " AND NOT (contains(chosen, chr(10) || chr(10) || 'Human:') OR starts_with(chosen, 'Human:'))"
     return f"""
         SELECT __row AS n, __longest, {messages} AS prompt, {text_a} AS text_a, {text_b} AS text_b,
                'import:chosen' AS model_a, 'import:rejected' AS model_b, 'A' AS choice, 'import:trl' AS annotator,

@@ -62,8 +62,30 @@ def require_object(record: Any, fmt: str) -> dict:
 
 
 # ---- which format ------------------------------------------------------------------------------------------
-def detect_format(path: Path, first: tuple[str, Any]) -> str:
-    where, record = first
+def detect_format(path: Path, records: list[tuple[str, Any]]) -> str:
+    """The format of the file's rows: every row must be of the first row's format, or the import fails naming the
+    first row that is not (a file that mixes formats would otherwise be read wrongly: preference rows after a
+    prompt-only first row imported as prompts, their answers dropped). A row that is neither a text nor an object is
+    left to the parser, which names it."""
+    fmt, first = None, None
+    for where, record in records:
+        if fmt is not None and not isinstance(record, str | dict):
+            continue
+        found = row_format(path, where, record)
+        if fmt is None:
+            fmt, first = found, where
+        elif found != fmt:
+            raise ImportFailed(
+                path,
+                f"this row is in format {found}, but {first} is in format {fmt}: a file holds one format "
+                "(or name the format to read it in, not auto)",
+                where,
+            )
+    return fmt
+
+
+def row_format(path: Path, where: str, record: Any) -> str:
+    """The format one row is in, by its columns (and, for chosen/rejected, by what the chosen answer holds)."""
     if isinstance(record, str):
         return "txt" if path.suffix.lower() == ".txt" else "prompts"  # e.g. a JSON list of strings
     if not isinstance(record, dict):
@@ -102,8 +124,9 @@ def parse_prompt(record: str | dict) -> Item:
     for key in PROMPT_KEYS:
         value = record.get(key)
         if value not in (None, ""):
-            if key == "instruction" and isinstance(record.get("input"), str) and record["input"].strip():
-                value = f"{value}\n\n{record['input']}"  # Alpaca style: the input follows the instruction
+            for more in ("input", "context") if key == "instruction" else ():  # Alpaca's input, Dolly's context
+                if isinstance(record.get(more), str) and record[more].strip():
+                    value = f"{value}\n\n{record[more]}"  # follows the instruction
             return Item("", _prompt(value, key))
     raise ValueError(f"no prompt: one of the columns {', '.join([*PROMPT_KEYS, 'messages'])} must hold text")
 
@@ -112,7 +135,9 @@ def parse_trl(record: dict, fmt: str = "trl") -> Item:
     """TRL preference rows: standard (strings) or conversational, explicit prompt or implicit (shared prefix)."""
     chosen, rejected = _need(record, fmt, "chosen", "rejected")
     prompt = record.get("prompt")
-    explicit = prompt not in (None, "", []) and isinstance(prompt, list) == isinstance(chosen, list)
+    # explicit: a prompt and answers alone; a chat prompt may come with plain text answers (they are its reply), but
+    # a text prompt with chat answers means whole conversations (implicit prompt), as TRL reads them
+    explicit = prompt not in (None, "", []) and (isinstance(prompt, list) or not isinstance(chosen, list))
     if explicit:
         messages = _prompt(prompt, "prompt")
         answers = (_answer(chosen, "chosen"), []), (_answer(rejected, "rejected"), [])
@@ -126,12 +151,16 @@ def parse_trl(record: dict, fmt: str = "trl") -> Item:
 
 
 def parse_ultrafeedback(record: dict) -> Item:
+    """Binarized UltraFeedback: trl rows with both scores; equal scores are a tie, not a win for the chosen side."""
     item = parse_trl(record, "ultrafeedback")
     scores = _plain(record, "score_chosen", "score_rejected")
     item.answers = tuple(
         Answer(a.text, a.model_name, {**a.params, "score": scores.get(key)})
         for a, key in zip(item.answers, ("score_chosen", "score_rejected"), strict=True)
     )
+    numbers = [scores.get(key) for key in ("score_chosen", "score_rejected")]
+    if all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers) and numbers[0] == numbers[1]:
+        item.choice = "tie"  # (a "nan" score is kept as text: never equal here)
     return item
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from storage.db import MAX_FIELD_CHARS, prompt_hash
 from storage.errors import ImportFailed
 from storage.import_bulk import bulk_import
+from storage.import_checks import MAX_DEPTH, deep_line, too_deep
 from storage.import_formats import FORMATS, PARSERS, PROMPT_FORMATS, Item, detect_format, require_object
 from storage.migrations import dialect
 from storage.rows import NOT_UNICODE, is_unicode
@@ -25,6 +26,7 @@ from storage.rows import NOT_UNICODE, is_unicode
 __all__ = ["FORMATS", "import_file", "read_records", "write_items"]
 
 SUFFIXES = (".txt", ".csv", ".json", ".jsonl", ".parquet")
+TOO_DEEP = f"is nested over {MAX_DEPTH} levels deep (lists and objects inside each other)"
 
 
 # ---- the entry point ----------------------------------------------------------------------------------------
@@ -51,7 +53,7 @@ def import_file(store, path: str | Path, fmt: str = "auto", max_rows: int | None
     for where, record in records:
         _check_sizes(path, where, record)
     if fmt == "auto":
-        fmt = detect_format(path, records[0])
+        fmt = detect_format(path, records)
     parse = PARSERS[fmt]
     items = []
     for where, record in records:
@@ -242,7 +244,10 @@ def _csv_records(path: Path, text: str) -> list[tuple[str, Any]]:
         records = []
         try:
             for row in reader:
-                row.pop(None, None)  # values beyond the header's columns
+                if None in row:  # values beyond the header's columns (a comma too many, a shifted row): not dropped
+                    columns = len(reader.fieldnames)
+                    problem = f"the row has {columns + len(row[None])} values but the header names {columns} columns"
+                    raise ImportFailed(path, problem, f"line {reader.line_num}")
                 records.append((f"line {reader.line_num}", row))
         except csv.Error as exc:
             raise ImportFailed(path, f"is not valid CSV ({exc})", f"line {reader.line_num}") from None
@@ -260,10 +265,13 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, Any]]:
             records.append((f"line {n}", json.loads(line)))
         except json.JSONDecodeError as exc:
             raise ImportFailed(path, f"is not valid JSON ({exc.msg} at column {exc.colno})", f"line {n}") from None
+        except RecursionError:
+            raise ImportFailed(path, TOO_DEEP, f"line {n}") from None
     return records
 
 
 def _json_records(path: Path, text: str) -> list[tuple[str, Any]]:
+    """A .json file: a JSON list of rows, or JSON Lines. A lone object is refused (one row? rows under a key?)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -271,12 +279,13 @@ def _json_records(path: Path, text: str) -> list[tuple[str, Any]]:
             return _jsonl_records(path, text)
         problem = f"is not valid JSON ({exc.msg} at column {exc.colno})"
         raise ImportFailed(path, problem, f"line {exc.lineno}") from None
+    except RecursionError:
+        line = deep_line(text.encode(), MAX_DEPTH + 1)  # + 1: the list that holds the rows
+        raise ImportFailed(path, TOO_DEEP, f"line {line}" if line else None) from None
     if isinstance(data, dict):
-        lists = [value for value in data.values() if isinstance(value, list)]
-        if len(data) == 1 and lists:  # {"data": [...]}
-            data = lists[0]
-        else:
-            data = [data]
+        listed = next((f" (its {key!r} holds a list)" for key, value in data.items() if isinstance(value, list)), "")
+        problem = f"holds one JSON object{listed}, not a list of rows: write the rows as a JSON list or JSON Lines"
+        raise ImportFailed(path, problem)
     if not isinstance(data, list):
         raise ImportFailed(path, "must hold a JSON list of objects (or JSON Lines)")
     return [(f"item {n}", record) for n, record in enumerate(data, start=1)]
@@ -293,7 +302,13 @@ def _parquet_records(path: Path) -> list[tuple[str, Any]]:
 
 
 def _check_sizes(path: Path, where: str, record: Any) -> None:
-    """Every text of the row: at most MAX_FIELD_CHARS, and one UTF-8 can hold (any field: names and models too)."""
+    """Every text of the row: at most MAX_FIELD_CHARS, and one UTF-8 can hold (any field: names and models too); the
+    row at most MAX_DEPTH levels deep (checked first, without recursion: the walks below and the parsers recurse)."""
+    if isinstance(record, list) and too_deep(record):
+        raise ImportFailed(path, TOO_DEEP, where)
+    for key, value in record.items() if isinstance(record, dict) else ():
+        if too_deep(value, MAX_DEPTH - 1):
+            raise ImportFailed(path, f"field {key!r} {TOO_DEEP}", where)
     if isinstance(record, str):
         if len(record) > MAX_FIELD_CHARS:
             raise ImportFailed(path, f"the line is over {MAX_FIELD_CHARS:,} characters", where)

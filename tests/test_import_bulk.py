@@ -66,13 +66,10 @@ def contents(store) -> dict:
 
         return {
             "prompts": rows("SELECT id, hash, messages, text, source FROM prompts ORDER BY id"),
-            "generations": [
-                (*r[:-1], json.loads(r[-1]))
-                for r in rows(
-                    "SELECT id, prompt_id, model_version_id, model_name, text, token_count, latency_ms, params "
-                    "FROM generations ORDER BY id"
-                )
-            ],  # fmt: skip
+            "generations": rows(  # params as stored: the same text, not only the same JSON value
+                "SELECT id, prompt_id, model_version_id, model_name, text, token_count, latency_ms, params "
+                "FROM generations ORDER BY id"
+            ),
             "comparisons": rows("SELECT * EXCLUDE (created_at) FROM comparisons ORDER BY id"),
             "annotators": rows("SELECT name FROM annotators ORDER BY name"),
         }
@@ -201,3 +198,29 @@ def test_a_store_from_before_m008_keeps_its_rows_and_still_dedupes(tmp_path, mon
     assert results["old"] == results["new"]
     stored, summaries = results["new"]
     assert len(stored["comparisons"]) == 40 and summaries[0] == summaries[2]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_odd_arena_extras_store_the_same_params_text_both_ways(tmp_path, monkeypatch, suffix):
+    """Each answer's params as the row importer writes them (json.dumps): strings with every escape, question ids of
+    any plain type, doubles DuckDB writes otherwise (1e+16, 1e-05) and later turns. The bulk path wrote to_json()
+    text (no spaces in the continuation, other escapes), a different text for the same JSON value."""
+    files = []
+    for name, ids, stamps in (("text", [f"q {ODD} {i}" for i in range(6)], [1_700_000_000.25, 0.5, -3.75, 0.0001]),
+                              ("ints", list(range(6)), [1e16, 1e-05, 5.0, 0.0]),
+                              ("bools", [True, False] * 3, [None, 2.5, None, 1e300]),
+                              ("whole", [f"w{i}" for i in range(6)], [5, 2.5, 7, 0.25])):  # fmt: skip
+        rows = arena_rows()[:6]
+        for i, row in enumerate(rows):
+            row.update(question_id=ids[i], tstamp=stamps[i % len(stamps)], language=f"{ODD} {i}" if i % 2 else None)
+            row["conversation_a"] = row["conversation_a"] + chat(("user", f"Then? {ODD}"), ("assistant", f"{ODD}!"))
+        path = tmp_path / f"{name}{suffix}"
+        write(path, rows)
+        files.append((path, "arena"))
+    bulk, rows, (_, used), _ = both_ways(tmp_path, monkeypatch, files)
+    assert bulk == rows
+    # in bulk: the text file, and the whole-number doubles of parquet; a double DuckDB writes otherwise (1e+16), or
+    # one of JSON Lines written as a whole number (5, read as 5.0), goes row by row
+    assert used == [1] * (2 if suffix == ".parquet" else 1)
+    params = [json.loads(generation[-1]) for generation in bulk["generations"]]
+    assert params[0]["continuation"][-1] == {"role": "assistant", "content": f"{ODD}!"}
