@@ -3,7 +3,8 @@
 Battles. Every effective comparison (choice A, B, tie or both_bad; skipped, undone and superseded judgements are
 not effective) whose two answers come from two different models is one battle. An answer's model is
 "v{model_version_id}" when it has a version (v0 is the base model), otherwise its `model_name` (imported and
-external models); answers with neither are left out. Two answers of one model judged against each other are no
+external models; a name shaped like a version's, "v1", is shown as "v1 (external)" so it never merges with local
+version 1); answers with neither are left out. Two answers of one model judged against each other are no
 battle.
 
 Tie rule (FastChat's): a tie and a both_bad each count as half a win for each side, everywhere: in the fit, the
@@ -38,7 +39,14 @@ BASE_RATING = 1000.0
 PRIOR_PRECISION = 0.01  # 1 / sd² of the Gaussian prior on natural-log strengths (sd 10 ≈ 1,737 points)
 BOOTSTRAP_ROUNDS = 200
 
-_MODEL = "CASE WHEN {g}.model_version_id IS NOT NULL THEN 'v' || {g}.model_version_id::VARCHAR ELSE {g}.model_name END"
+EXTERNAL = " (external)"  # marks an imported/served name shaped like a local version's ("v1" → "v1 (external)")
+# Names of this shape get EXTERNAL once more, so "vN" is only ever a local version and no two models merge.
+_VERSION_SHAPED = "v[0-9]+( \\(external\\))*"  # SIMILAR TO: a whole-string match in DuckDB and PostgreSQL
+_MODEL = (
+    "CASE WHEN {g}.model_version_id IS NOT NULL THEN 'v' || {g}.model_version_id::VARCHAR "
+    f"WHEN {{g}}.model_name SIMILAR TO '{_VERSION_SHAPED}' THEN {{g}}.model_name || '{EXTERNAL}' "
+    "ELSE {g}.model_name END"
+)
 BATTLES_SQL = f"""
     SELECT {_MODEL.format(g="ga")} AS model_a, {_MODEL.format(g="gb")} AS model_b, c.choice
     FROM effective_comparisons c

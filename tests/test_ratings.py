@@ -184,6 +184,30 @@ def test_ties_and_both_bad_count_half_a_win_each(tmp_path):
         store.close()
 
 
+def test_an_imported_model_named_like_a_version_never_merges_with_it(db_url, tmp_path):
+    """Imported models called "v1" (and "v1 (external)") are rated apart from local version 1, on both backends:
+    the local v1 lost every battle to v0, the imported "v1" won every one against gpt-x."""
+    store = Store(db_url)
+    try:
+        store.add_version(base_model="bundled", parent_id=0, notes="v1")
+        prompt = store.add_prompt("Which answer is better?", "test")
+        local = {v: store.add_generation(prompt, f"answer of v{v}", model_version_id=v) for v in (0, 1)}
+        for _ in range(3):
+            store.add_comparison(prompt_id=prompt, generation_a=local[0], generation_b=local[1], annotator="t",
+                                 choice="A")  # fmt: skip
+        records = [arena_record(n, name, "gpt-x", "a") for n in range(3) for name in ("v1", "v1 (external)")]
+        source = tmp_path / "battles.jsonl"
+        source.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+        assert import_file(store, source)["comparisons"] == 6
+        board = {row["model"]: row["battles"] for row in leaderboard(store, bootstrap=0)}
+        assert board == {"v0": 3, "v1": 3, "v1 (external)": 3, "v1 (external) (external)": 3, "gpt-x": 6}
+        assert head_to_head(store, "v1", "v0")["losses"] == 3  # local v1 kept its own record
+        assert head_to_head(store, "v1 (external)", "gpt-x")["wins"] == 3
+        assert head_to_head(store, "v1", "gpt-x")["battles"] == 0
+    finally:
+        store.close()
+
+
 # ---- the promotion gate's figure --------------------------------------------------------------------------------
 def test_head_to_head_ci_separates_a_better_model_from_a_coin_flip(tmp_path):
     store, prompt, g = versioned_store(tmp_path)

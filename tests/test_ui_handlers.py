@@ -134,3 +134,56 @@ def test_the_run_view_sends_nothing_while_the_run_is_unchanged(store, services):
     assert "cancelled" in first[0] and first[-1] is not None
     assert train.watch(run_id, first[-1], as_user(None)) == [{"__type__": "update"}] * 9
     assert train.watch(run_id, None, as_user(None))[:-1] == first[:-1]  # a page that shows nothing yet gets it all
+
+
+def shown_html(markdown: str) -> str:
+    """What a Markdown component makes of a message (CommonMark, as the page's renderer reads it)."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").enable("table").render(markdown)
+
+
+def test_markdown_in_an_import_error_or_a_name_is_shown_as_text(store, services, tmp_path):
+    """An importer's error quotes the file; a display name is typed by anyone: neither may make a link, an image,
+    a tag or emphasis in the page's Markdown."""
+    import json
+
+    from ui.label_tab import LabelHandlers
+
+    evil = "[click](https://example.com/go) ![p](https://example.com/p.png) <b>bold</b> **loud**"
+    battle = {
+        "model_a": "m1",
+        "model_b": "m2",
+        "winner": evil,
+        "judge": "j",
+        "conversation_a": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+        "conversation_b": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hey."}],
+    }
+    path = tmp_path / "battles.jsonl"
+    path.write_text(json.dumps(battle) + "\n", encoding="utf-8")
+    message = DataHandlers(services, Access(), 1000).do_import(str(path), "auto", as_user(None))[0]
+    assert message.startswith("⚠️ Import failed")
+    name = "![pixel](https://example.com/p.png) *me*"
+    status = LabelHandlers(services, Access()).set_name(name, as_user(None))[-1]
+    for text, literal in ((message, evil), (status, name)):
+        html = shown_html(text)
+        assert "<a " not in html and "<img" not in html and "<b>" not in html and "<em>" not in html, html
+        assert literal.replace("<", "&lt;").replace(">", "&gt;") in html  # every character shown as written
+
+
+def test_a_model_named_model_is_rated_like_any_other(store, services):
+    """The win-rate table's first column holds the row's model: a model called "model" used to clash with it."""
+    prompt = store.add_prompt([{"role": "user", "content": "Which is better?"}], "import")
+    ours = store.add_generation(prompt, "ours", model_version_id=0)
+    for name in ("model", "model ", "other"):
+        theirs = store.add_generation(prompt, name, model_name=name)
+        store.add_comparison(prompt_id=prompt, generation_a=ours, generation_b=theirs, annotator="ann1", choice="A",
+                             source="test")  # fmt: skip
+    shown = LeaderboardHandlers(services, Access()).refresh(as_user(None))
+    assert shown[0].startswith("**3** battles between **4** models")
+    import gradio as gr
+
+    assert gr.Dataframe(interactive=False).postprocess(shown[3]).headers[1:] == list(shown[3].data.columns[1:])
+    heatmap = shown[3].data
+    assert len(set(heatmap.columns)) == 5 and heatmap.iloc[:, 0].tolist() == list(heatmap.columns[1:])
+    assert heatmap.set_index(heatmap.columns[0]).loc["model", "v0"] == 0.0  # v0 won: "model" scored 0 %

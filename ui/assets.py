@@ -24,15 +24,20 @@ document.addEventListener("keydown", (event) => {
   const tag = (event.target.tagName || "").toLowerCase();
   if (tag === "input" || tag === "textarea" || event.target.isContentEditable) return;
   if (event.ctrlKey || event.metaKey || event.altKey) return;
+  if (event.repeat) return;  // a held key is one vote, not one per auto-repeat
   const id = PREFLOOP_KEYS[event.key.toLowerCase()];
   if (!id) return;
   const button = document.getElementById(id);
-  if (button && !button.disabled) { event.preventDefault(); button.click(); }
+  // offsetParent is null while the button is not shown (another tab is open): no vote for an unseen pair
+  if (button && !button.disabled && button.offsetParent !== null) { event.preventDefault(); button.click(); }
 });
 </script>"""
 )
 CSS = """
 .answer { min-height: 8em; border: 1px solid var(--border-color-primary); padding: 0.5em; border-radius: 6px; }
+.answer, #prompt { overflow-wrap: anywhere; overflow-x: auto; max-width: 100%; min-width: 0; }
+.answer pre, .answer table, #prompt pre, #prompt table { overflow-wrap: anywhere; overflow-x: auto; max-width: 100%; }
+.answer table, #prompt table { display: block; }
 .blocked-image { color: var(--body-text-color-subdued); font-style: italic; }
 .truncated { color: #b45309; font-weight: bold; }
 """

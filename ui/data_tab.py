@@ -21,6 +21,7 @@ from labeling.services import Services
 from storage.errors import ImportFailed
 from storage.exporters import export
 from storage.importers import import_file
+from ui.render import plain
 
 EXPORT_FORMATS = ["dpo", "reward", "kto", "sft", "raw"]
 EXPORT_PREFIX = "prefloop-export-"  # each export's temp folder
@@ -114,10 +115,11 @@ class DataHandlers:
         try:
             summary = import_file(self.services.store, path, fmt=fmt, max_rows=self.upload_max_rows)
         except ImportFailed as exc:
-            return f"⚠️ Import failed, nothing was written: {exc}", *self.stats(request)
+            return f"⚠️ Import failed, nothing was written: {plain(exc)}", *self.stats(request)
         self.services.queue.wake()
         done = (
-            f"✓ Imported {summary['prompts']} prompts and {summary['comparisons']} comparisons ({summary['format']})."
+            f"✓ Imported {summary['prompts']} prompts and {summary['comparisons']} comparisons "
+            f"({plain(summary['format'])})."
         )
         return done, *self.stats(request)
 
@@ -135,7 +137,7 @@ class DataHandlers:
             rows = export(self.services.store, fmt, out)
         except ValueError as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            return None, f"⚠️ Export failed: {exc}"
+            return None, f"⚠️ Export failed: {plain(exc)}"
         if rows == 0:
             shutil.rmtree(folder, ignore_errors=True)
             return None, f"Nothing to export as {fmt} yet: it needs judged pairs (A/B votes or edited answers)."

@@ -6,7 +6,6 @@ asks `Access` who is calling first: under logins the login is the annotator, wha
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ import gradio as gr
 from labeling.access import Access, AccessDenied
 from labeling.services import Services, UserError
 from ui.assets import SHORTCUTS_MD
-from ui.render import render_messages, render_text
+from ui.render import plain, render_messages, render_text
 
 EMPTY = "<p><i>Pairs are being generated…</i></p>"
 STREAMING = "streaming"  # the hidden pair box while your own prompt is being answered (no vote, no polling)
@@ -147,33 +146,33 @@ class LabelHandlers:
             name = self.access.annotator(request, None) or self.access.annotator(request, (stored or "").strip())
             name = self.services.annotator_name(name) if name else name
         except AccessDenied as exc:
-            return "", gr.update(visible=False), *skip, f"⚠️ {exc}"
+            return "", gr.update(visible=False), *skip, f"⚠️ {plain(exc)}"
         except UserError as exc:  # a stored or login name the store refuses: say why (typing another may work)
-            return "", gr.update(visible=not self.access.logins), *skip, f"⚠️ {exc}"
+            return "", gr.update(visible=not self.access.logins), *skip, f"⚠️ {plain(exc)}"
         if not name:
             return "", gr.update(visible=True), *skip, ""
-        return name, gr.update(visible=False), *self.show(name), f"Labeling as **{name}**."
+        return name, gr.update(visible=False), *self.show(name), f"Labeling as **{plain(name)}**."
 
     def set_name(self, typed: str, request: gr.Request) -> tuple:
         try:
             name = self.services.annotator_name(self.access.annotator(request, typed))
         except (UserError, AccessDenied) as exc:
-            return "", gr.skip(), gr.update(visible=True), *([gr.skip()] * 8), f"⚠️ {exc}"
-        return name, name, gr.update(visible=False), *self.show(name), f"Labeling as **{name}**."
+            return "", gr.skip(), gr.update(visible=True), *([gr.skip()] * 8), f"⚠️ {plain(exc)}"
+        return name, name, gr.update(visible=False), *self.show(name), f"Labeling as **{plain(name)}**."
 
     def cast(self, choice: str):
         def handler(name: str, current: str, started: float, why: str, fixed: str, request: gr.Request):
             try:
                 name = self.access.annotator(request, name)
             except AccessDenied as exc:
-                return *([gr.skip()] * 8), f"⚠️ {exc}"
+                return *([gr.skip()] * 8), f"⚠️ {plain(exc)}"
             if not current or current == STREAMING:
                 return *([gr.skip()] * 8), "⚠️ No pair on screen yet: it is being generated."
             seconds = round(time.time() - started, 2) if started else None
             try:
                 self.services.vote(current, name, choice, why, fixed, seconds)
             except UserError as exc:
-                return *self.show(name), f"⚠️ {exc} (showing a fresh pair)"
+                return *self.show(name), f"⚠️ {plain(exc)} (showing a fresh pair)"
             return *self.show(name), receipt(choice, self.services.queue.pair_view(int(current)))
 
         return handler
@@ -186,7 +185,7 @@ class LabelHandlers:
             name = self.access.annotator(request, name)
             undone = self.services.undo(name)
         except (UserError, AccessDenied) as exc:
-            return *([gr.skip()] * 8), f"⚠️ {exc}"
+            return *([gr.skip()] * 8), f"⚠️ {plain(exc)}"
         if not undone:
             return *([gr.skip()] * 8), "Nothing to undo."
         return *self.show(name), "Your last vote was undone: judge the pair again."
@@ -217,7 +216,7 @@ class LabelHandlers:
             messages = self.services.check_prompt(text)
             stream = self.services.stream_own(name, messages)
         except (UserError, AccessDenied) as exc:
-            yield *skip, f"⚠️ {exc}"
+            yield *skip, f"⚠️ {plain(exc)}"
             return
         text_a = text_b = ""
         try:
@@ -226,7 +225,7 @@ class LabelHandlers:
                 for text_a, text_b in stream:
                     yield *skip[:3], render_text(text_a), render_text(text_b), *skip[5:], gr.skip()
         except Exception as exc:  # the engine failed or the pair could not be stored: the page must not stay stuck
-            yield *self.show(name), f"⚠️ Your prompt could not be answered: {_plain(str(exc))}"
+            yield *self.show(name), f"⚠️ Your prompt could not be answered: {plain(str(exc))}"
             return
         answers = render_text(text_a), render_text(text_b)
         ready = str(stream.pair["pair_id"])
@@ -251,16 +250,11 @@ def receipt(choice: str, pair: dict) -> str:
 
 def _author(version) -> str:
     """A local version by number; a served model (endpoint pairs) or an imported one by its name."""
-    return f"the model {_plain(version)}" if isinstance(version, str) else f"version {version}"
-
-
-def _plain(text: str) -> str:
-    """Text from elsewhere (a server's error, a model name) shown literally in Markdown: its punctuation escaped."""
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~<>])", r"\\\1", str(text))
+    return f"the model {plain(version)}" if isinstance(version, str) else f"version {version}"
 
 
 def _served_model_problem(queue) -> str:
     """A line under the counters while the served model of endpoint pairs fails (labeling/endpoint_pairs.py)."""
     served = getattr(queue, "endpoint", None)
     problem = served.status() if served is not None else None
-    return f"  \n⚠️ {_plain(problem)}" if problem else ""
+    return f"  \n⚠️ {plain(problem)}" if problem else ""

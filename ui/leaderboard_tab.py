@@ -17,6 +17,7 @@ from labeling.arena import current_verdict, model_name
 from labeling.services import Services, UserError
 from storage.promotions import lineage, promotions
 from storage.ratings import battle_counts, leaderboard, win_rate_matrix
+from ui.render import plain
 
 REFRESH_SECONDS = 30.0
 BOOTSTRAP = 200  # resamples for the rating CIs
@@ -129,7 +130,7 @@ class LeaderboardHandlers:
         rule = self.services.gate
         gate = "\n\n".join(
             [verdict.summary() if verdict else "No candidate is waiting: a finished policy run makes one."]
-            + [f"⚠️ Not judged: {why}" for why in broken.values()]
+            + [f"⚠️ Not judged: {plain(why)}" for why in broken.values()]
             + [
                 f"Gate: at least {rule.min_battles} battles against the serving version and a {rule.confidence:.0%} "
                 f"CI of the win-rate above 50 %; serving **{model_name(serving)}**."
@@ -178,7 +179,10 @@ def _heatmap(matrix: dict):
         return pd.DataFrame(columns=["model"])
     cells = [[None if v is None else round(100 * v, 1) for v in row] for row in matrix["win_rate"]]
     frame = pd.DataFrame(cells, columns=models)
-    frame.insert(0, "model", models)
+    label = "model"
+    while label in models:  # any name is a model's (one named "model" too): the row column's header must differ
+        label += " "
+    frame.insert(0, label, models)
     return frame.style.map(_heat_colour, subset=models).format(_percent, subset=models)
 
 

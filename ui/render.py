@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 
 from markdown_it import MarkdownIt
 
@@ -54,3 +55,13 @@ def render_messages(messages: list[dict] | str) -> str:
         role = html.escape(str(message.get("role", "user")))
         parts.append(f'<div class="msg msg-{role}"><b>{role}:</b>{render_text(message.get("content", ""))}</div>')
     return "\n".join(parts)
+
+
+def plain(text) -> str:
+    """Text from elsewhere (a file name, an importer's or a server's error, a person's name, a model name) shown
+    literally inside a Markdown component: every Markdown and HTML punctuation mark is backslash-escaped, so no
+    link, image, tag, emphasis or heading comes out of it."""
+    return _PLAIN.sub(r"\\\1", str(text))
+
+
+_PLAIN = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>:=&$\"'])")
