@@ -99,6 +99,8 @@ class Services:
             raise UserError(f"The rationale is over {MAX_RATIONALE_CHARS} characters.")
         if len(edited) > MAX_EDIT_CHARS:
             raise UserError(f"The edited answer is over {MAX_EDIT_CHARS} characters.")
+        if edited and self._same_as_an_answer(pair_id, edited):
+            edited = ""  # an unchanged answer is no edit: it would pair the answer with itself in training data
         try:
             comparison_id = self.queue.record_vote(
                 pair_id,
@@ -113,6 +115,15 @@ class Services:
         if self.arena is not None:
             self.arena.poke()  # the gate looks again once this burst of votes is in
         return comparison_id
+
+    def _same_as_an_answer(self, pair_id: int, edited: str) -> bool:
+        """Whether the (stripped) edit equals either answer of the pair, surrounding whitespace aside. An unknown
+        pair is left to record_vote, which refuses it with its reason."""
+        try:
+            view = self.queue.pair_view(pair_id)
+        except KeyError:
+            return False
+        return edited in ((view.get("answer_a") or "").strip(), (view.get("answer_b") or "").strip())
 
     def pair_answer(self, pair_id, side: str, annotator: str) -> str:
         """The raw text of one side of a pair, for the person who holds its lease (nobody else may look it up)."""

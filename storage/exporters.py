@@ -1,6 +1,8 @@
 """Export judgements as training data: TRL-ready dpo / reward / kto / sft rows, or every comparison raw.
 
 dpo, reward, kto and sft use only the *effective* comparisons (not superseded, choice A / B / tie / both_bad).
+Answers are compared without surrounding whitespace (what str.strip() removes): an edit equal to an original is no
+edit, and two answers that differ only there are one answer (no pair of them, no pair repeated).
 Prompts are chat message lists and answers one-message assistant lists (TRL's conversational format), so a
 `dpo` file trains with `trl.DPOTrainer` as is. Rows come in comparison-id order, so an export is deterministic.
 A dpo / reward file is built and written by DuckDB (PAIR_ROWS, the same rows as `_pair_rows`), a chunk of
@@ -93,8 +95,8 @@ def _effective(store) -> list[dict]:
             "JOIN generations gb ON gb.id = c.generation_b ORDER BY c.id"
         ).fetchall()
     return [
-        {"id": int(cid), "prompt": json.loads(messages), "a": a, "b": b, "choice": choice, "edited": _edit(edited)}
-        for cid, messages, a, b, choice, edited in rows
+        {"id": int(cid), "prompt": json.loads(messages), "a": a, "b": b, "choice": choice, "edited": _edit(edit, a, b)}
+        for cid, messages, a, b, choice, edit in rows
     ]
 
 
@@ -120,19 +122,21 @@ def _raw_rows(store) -> list[dict]:
 
 
 # _pair_rows in SQL, for the comparisons with ids in [$lo, $hi]: per effective comparison (in id order) the clear
-# winner over the loser when their texts differ, then a non-blank edited answer over answer A, then over answer B,
-# when it differs from it (B only when B != A). {prompt} is the prompt column: JSON text, or structs for parquet.
+# winner over the loser when their texts differ, then a non-blank edited answer that differs from both originals
+# over answer A, then over answer B (B only when B != A); texts compared trimmed of $ws (str.strip()'s whitespace).
+# {prompt} is the prompt column: JSON text, or structs for parquet.
 PAIR_ROWS = """
 SELECT id, k, prompt, good, bad FROM (
     SELECT c.id, 0 AS k, {prompt} AS prompt, CASE c.choice WHEN 'A' THEN ga.text ELSE gb.text END AS good,
            CASE c.choice WHEN 'A' THEN gb.text ELSE ga.text END AS bad
-    {judged} AND c.choice IN ('A', 'B') AND ga.text <> gb.text
+    {judged} AND c.choice IN ('A', 'B') AND trim(ga.text, $ws) <> trim(gb.text, $ws)
     UNION ALL
     SELECT id, k, prompt, good, bad FROM (
         SELECT c.id, {prompt} AS prompt, c.edited_answer AS edited, ga.text AS a, gb.text AS b
-        {judged} AND c.edited_answer IS NOT NULL AND regexp_matches(c.edited_answer, $not_blank)) edits,
-    LATERAL (SELECT 1 AS k, edited AS good, a AS bad WHERE a <> edited
-             UNION ALL SELECT 2, edited, b WHERE b <> edited AND b <> a))"""
+        {judged} AND c.edited_answer IS NOT NULL AND regexp_matches(c.edited_answer, $not_blank)
+            AND trim(c.edited_answer, $ws) NOT IN (trim(ga.text, $ws), trim(gb.text, $ws))) edits,
+    LATERAL (SELECT 1 AS k, edited AS good, a AS bad
+             UNION ALL SELECT 2, edited, b WHERE trim(b, $ws) <> trim(a, $ws)))"""
 JUDGED = """FROM effective_comparisons c JOIN prompts p ON p.id = c.prompt_id
     JOIN generations ga ON ga.id = c.generation_a JOIN generations gb ON gb.id = c.generation_b
     WHERE c.id BETWEEN $lo AND $hi"""
@@ -149,7 +153,7 @@ def _write_pairs(store, fmt: str, path: Path, suffix: str) -> int:
     lines (DuckDB's to_json), or Arrow batches cast to the fixed parquet schema. Returns the rows written."""
     import pyarrow.parquet as pq
 
-    from storage.tallies import NOT_BLANK
+    from storage.tallies import NOT_BLANK, WHITESPACE
 
     jsonl, schema, count = suffix == ".jsonl", _schema(fmt), 0
     prompt = "p.messages::VARCHAR" if jsonl else "p.messages::JSON::STRUCT(role VARCHAR, content VARCHAR)[]"
@@ -167,7 +171,8 @@ def _write_pairs(store, fmt: str, path: Path, suffix: str) -> int:
         ]
         ends = [start - 1 for start in starts[1:]] + [2**63 - 1] * bool(starts)
         for lo, hi in zip(starts, ends, strict=True):
-            for batch in cur.sql(sql, params={"not_blank": NOT_BLANK, "lo": lo, "hi": hi}).to_arrow_reader(50_000):
+            params = {"not_blank": NOT_BLANK, "ws": WHITESPACE, "lo": lo, "hi": hi}
+            for batch in cur.sql(sql, params=params).to_arrow_reader(50_000):
                 if jsonl:
                     out.write(_joined(batch.column(0)))
                 else:
@@ -190,8 +195,19 @@ def _joined(lines) -> bytes | memoryview:
     return "".join(lines.to_pylist()).encode("utf-8")
 
 
-def _edit(text: str | None) -> str | None:
-    return text if text and text.strip() else None
+def _edit(text: str | None, a: str, b: str) -> str | None:
+    """The edited answer, or None when it is blank or the same as either original (surrounding whitespace aside)."""
+    if not text or not text.strip() or text.strip() in (a.strip(), b.strip()):
+        return None
+    return text
+
+
+def _distinct(*texts: str) -> list[str]:
+    """The texts, each once: the first of those equal but for surrounding whitespace."""
+    seen: dict[str, str] = {}
+    for text in texts:
+        seen.setdefault(text.strip(), text)
+    return list(seen.values())
 
 
 # ---- one judgement to rows -----------------------------------------------------------------------------------
@@ -204,12 +220,13 @@ def _winner_loser(j: dict) -> tuple[str, str] | None:
 
 
 def _pair_rows(j: dict) -> list[dict]:
-    """dpo/reward: the clear winner over the loser; an edited answer over each original it differs from."""
+    """dpo/reward: the clear winner over the loser; an edited answer (never one equal to an original) over each
+    distinct original."""
     pairs = []
-    if (clear := _winner_loser(j)) is not None and clear[0] != clear[1]:
+    if (clear := _winner_loser(j)) is not None and clear[0].strip() != clear[1].strip():
         pairs.append(clear)
     if j["edited"] is not None:
-        pairs += [(j["edited"], original) for original in dict.fromkeys((j["a"], j["b"])) if original != j["edited"]]
+        pairs += [(j["edited"], original) for original in _distinct(j["a"], j["b"])]
     return [{"prompt": j["prompt"], "chosen": _reply(good), "rejected": _reply(bad)} for good, bad in pairs]
 
 
@@ -219,17 +236,17 @@ def _kto_rows(j: dict) -> list[dict]:
     An edited answer is desirable and, being preferred over both originals, makes them both undesirable.
     """
     if j["edited"] is not None:
-        labelled = [(j["edited"], True)] + [(text, False) for text in dict.fromkeys((j["a"], j["b"]))]
+        labelled = [(j["edited"], True)] + [(text, False) for text in _distinct(j["a"], j["b"])]
     elif (clear := _winner_loser(j)) is not None:
         labelled = [(clear[0], True), (clear[1], False)]
     elif j["choice"] == "both_bad":
         labelled = [(j["a"], False), (j["b"], False)]
     else:
         labelled = []
-    seen: dict[str, bool] = {}
+    seen: dict[str, tuple[str, bool]] = {}
     for text, label in labelled:
-        seen.setdefault(text, label)  # an edit equal to an original stays desirable, once
-    return [{"prompt": j["prompt"], "completion": _reply(text), "label": label} for text, label in seen.items()]
+        seen.setdefault(text.strip(), (text, label))  # one answer, one label: the first (the winner's)
+    return [{"prompt": j["prompt"], "completion": _reply(text), "label": label} for text, label in seen.values()]
 
 
 def _sft_rows(j: dict) -> list[dict]:

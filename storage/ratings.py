@@ -42,13 +42,13 @@ BOOTSTRAP_ROUNDS = 200
 EXTERNAL = " (external)"  # marks an imported/served name shaped like a local version's ("v1" → "v1 (external)")
 # Names of this shape get EXTERNAL once more, so "vN" is only ever a local version and no two models merge.
 _VERSION_SHAPED = "v[0-9]+( \\(external\\))*"  # SIMILAR TO: a whole-string match in DuckDB and PostgreSQL
-_MODEL = (
+MODEL_SQL = (  # an answer's model in ratings and counts ({g}: the generations alias)
     "CASE WHEN {g}.model_version_id IS NOT NULL THEN 'v' || {g}.model_version_id::VARCHAR "
     f"WHEN {{g}}.model_name SIMILAR TO '{_VERSION_SHAPED}' THEN {{g}}.model_name || '{EXTERNAL}' "
     "ELSE {g}.model_name END"
 )
 BATTLES_SQL = f"""
-    SELECT {_MODEL.format(g="ga")} AS model_a, {_MODEL.format(g="gb")} AS model_b, c.choice
+    SELECT {MODEL_SQL.format(g="ga")} AS model_a, {MODEL_SQL.format(g="gb")} AS model_b, c.choice
     FROM effective_comparisons c
     JOIN generations ga ON ga.id = c.generation_a
     JOIN generations gb ON gb.id = c.generation_b

@@ -19,8 +19,10 @@ import time
 import weakref
 from collections import Counter
 
+from storage.ratings import MODEL_SQL
+
 EFFECTIVE_CHOICES = "('A', 'B', 'tie', 'both_bad')"
-VERSION = 1  # of the snapshot format and of what is counted: a snapshot of another version is ignored
+VERSION = 3  # of the snapshot format and of what is counted: a snapshot of another version is ignored
 EVERYTHING = -(2**63)  # the watermark of a count from scratch (ids may be anything after a restore)
 SAVE_EVERY = 10_000  # rows: the snapshot is saved again once the watermark moved this far (and after a full count)
 WHITESPACE = (  # what str.strip() removes: every character whose isspace() is true (tests/test_tallies.py checks)
@@ -46,7 +48,7 @@ changed AS MATERIALIZED (
     WHERE o.id <= $low AND o.choice IN {EFFECTIVE_CHOICES}
       AND o.id NOT IN (SELECT supersedes FROM comparisons WHERE id <= $low AND supersedes IS NOT NULL))"""
 
-LABEL = "coalesce('v' || g.model_version_id::VARCHAR, g.model_name, '?')"
+LABEL = f"coalesce({MODEL_SQL.format(g='g')}, '?')"  # an imported "v1" is "v1 (external)", not version 1
 MEASURES = {  # rows (choice, annotator, source, day, model label, signed count), folded into dimensions by fold()
     "stats": f"""
         SELECT choice, annotator, source, created_at::DATE::VARCHAR, NULL, sum(sign) FROM changed GROUP BY ALL
@@ -56,13 +58,14 @@ MEASURES = {  # rows (choice, annotator, source, day, model label, signed count)
             SELECT {LABEL}, c.sign FROM changed c JOIN generations g ON g.id = c.generation_b
             WHERE c.generation_b <> c.generation_a) GROUP BY ALL""",
     # storage.exporters._pair_rows, counted: the clear winner over the loser when their texts differ, and an edited
-    # answer (not blank) over each distinct original it differs from; only rows whose prompt and answers exist.
+    # answer (not blank, not equal to either original) over each distinct original; texts compared trimmed of $ws
+    # (what str.strip() removes); only rows whose prompt and answers exist.
     "usable": """
         SELECT NULL, NULL, NULL, NULL, NULL, coalesce(sum(c.sign * (
-            (c.choice IN ('A', 'B') AND ga.text <> gb.text)::INTEGER
+            (c.choice IN ('A', 'B') AND trim(ga.text, $ws) <> trim(gb.text, $ws))::INTEGER
             + CASE WHEN regexp_matches(c.edited_answer, $not_blank)
-                   THEN (ga.text <> c.edited_answer)::INTEGER
-                        + (gb.text <> c.edited_answer AND gb.text <> ga.text)::INTEGER
+                        AND trim(c.edited_answer, $ws) NOT IN (trim(ga.text, $ws), trim(gb.text, $ws))
+                   THEN 1 + (trim(gb.text, $ws) <> trim(ga.text, $ws))::INTEGER
                    ELSE 0 END)), 0)
         FROM changed c JOIN prompts p ON p.id = c.prompt_id
         JOIN generations ga ON ga.id = c.generation_a JOIN generations gb ON gb.id = c.generation_b""",
@@ -84,12 +87,12 @@ PG_MEASURES = {
             WHERE c.generation_b <> c.generation_a) labels GROUP BY label""",
     "usable": """
         SELECT NULL, NULL, NULL, NULL, NULL, coalesce(sum(
-            (c.choice IN ('A', 'B') AND ga.text <> gb.text)::INTEGER
-            + CASE WHEN btrim(c.edited_answer, ?) <> ''
-                   THEN (ga.text <> c.edited_answer)::INTEGER
-                        + (gb.text <> c.edited_answer AND gb.text <> ga.text)::INTEGER
+            (c.choice IN ('A', 'B') AND btrim(ga.text, w.ws) <> btrim(gb.text, w.ws))::INTEGER
+            + CASE WHEN btrim(c.edited_answer, w.ws) <> ''
+                        AND btrim(c.edited_answer, w.ws) NOT IN (btrim(ga.text, w.ws), btrim(gb.text, w.ws))
+                   THEN 1 + (btrim(gb.text, w.ws) <> btrim(ga.text, w.ws))::INTEGER
                    ELSE 0 END), 0)
-        FROM effective_comparisons c JOIN prompts p ON p.id = c.prompt_id
+        FROM effective_comparisons c CROSS JOIN (SELECT ?::VARCHAR AS ws) w JOIN prompts p ON p.id = c.prompt_id
         JOIN generations ga ON ga.id = c.generation_a JOIN generations gb ON gb.id = c.generation_b""",
 }
 
@@ -180,7 +183,7 @@ class Tally:
 
     def _measure(self, cur, low: int) -> list[tuple[str, str, int]]:
         """(dimension, key, signed count) of what changed since watermark `low`."""
-        params = {"low": low} | ({"not_blank": NOT_BLANK} if self.name == "usable" else {})
+        params = {"low": low} | ({"not_blank": NOT_BLANK, "ws": WHITESPACE} if self.name == "usable" else {})
         return fold(cur.execute(f"WITH {CHANGED} {MEASURES[self.name]}", params).fetchall())
 
     def _load(self) -> dict:

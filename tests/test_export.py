@@ -238,3 +238,60 @@ def test_the_app_deletes_its_exports_after_an_hour(monkeypatch, tmp_path):
         os.utime(folder, (hours_ago, hours_ago))
     assert prune_exports(EXPORT_KEEP_S) == 1
     assert not old.exists() and new.exists() and other.exists()
+
+
+def exported(store, fmt: str, tmp_path) -> list[dict]:
+    """The rows of a written export (dpo / reward: built by DuckDB's SQL, not by _pair_rows), read back."""
+    out = tmp_path / f"{fmt}.jsonl"
+    export(store, fmt, out)
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+def test_an_edit_equal_to_an_original_but_for_whitespace_is_no_edit(store, tmp_path):
+    """An edit equal to an original after stripping made a pair of an answer with itself, the clear pair twice, and
+    in kto an answer both desirable and undesirable."""
+    judge(store, 1, "Good 1\n", "Bad 1", "A", edited="  Good 1 ")  # edited back to the winner
+    judge(store, 2, "Poor 2", "Dull 2", "both_bad", edited="Dull 2\u3000")  # "edited" to one of two bad answers
+    judge(store, 3, "Same 3", "Same 3 ", "A", edited="New 3")  # two answers that differ only in whitespace
+    pairs = [{"prompt": user("Prompt 1"), "chosen": reply("Good 1\n"), "rejected": reply("Bad 1")},
+             {"prompt": user("Prompt 3"), "chosen": reply("New 3"), "rejected": reply("Same 3")}]  # fmt: skip
+    for fmt in ("dpo", "reward"):
+        assert export_rows(store, fmt) == pairs
+        assert exported(store, fmt, tmp_path) == pairs
+    kto = [(1, "Good 1\n", True), (1, "Bad 1", False), (2, "Poor 2", False), (2, "Dull 2", False),
+           (3, "New 3", True), (3, "Same 3", False)]  # fmt: skip
+    assert export_rows(store, "kto") == [
+        {"prompt": user(f"Prompt {n}"), "completion": reply(text), "label": label} for n, text, label in kto
+    ]
+    sft = [(1, "Good 1\n"), (3, "New 3")]  # prompt 2 has no winner and no real edit
+    assert export_rows(store, "sft") == [{"prompt": user(f"Prompt {n}"), "completion": reply(t)} for n, t in sft]
+
+
+def test_a_vote_whose_edit_repeats_an_answer_stores_no_edit(tmp_path, engine):
+    """Through the real vote path: the page strips the edit, so an unchanged answer ("Good\n" on screen) became an
+    edit "Good" that differed from it and was counted and exported as a pair of the answer with itself."""
+    from generation.sampling import Generation, SamplingParams
+    from labeling.pair_queue import PairQueue
+    from labeling.services import Services
+    from storage.tallies import usable_pairs
+
+    store = Store(tmp_path / "votes.duckdb")
+    queue = PairQueue(store, engine, params=SamplingParams(max_new_tokens=4))
+    services = Services(store, engine, queue, None)
+
+    def pair(a: str, b: str) -> int:
+        answers = [Generation(text, 3, 1.0, SamplingParams(seed=i), 0) for i, text in enumerate((a, b))]
+        return queue.add_own_pair("ann", user(f"Question about {a}?"), *answers)["pair_id"]
+
+    kept_as_is = services.vote(pair("Good answer.\n", "Bad."), "ann", "A", edited="  Good answer.  ")
+    real_edit = services.vote(pair("Fine.", "Worse."), "ann", "A", edited=" Much better answer. ")
+    with store.read() as cur:
+        edits = dict(cur.execute("SELECT id, edited_answer FROM comparisons").fetchall())
+    assert edits == {kept_as_is: None, real_edit: "Much better answer."}
+    rows = export_rows(store, "dpo")
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
+        ("Good answer.\n", "Bad."), ("Fine.", "Worse."), ("Much better answer.", "Fine."),
+        ("Much better answer.", "Worse."),
+    ]  # fmt: skip
+    assert usable_pairs(store) == len(rows) == len(exported(store, "dpo", tmp_path))
+    store.close()

@@ -216,7 +216,7 @@ def test_a_reward_run_whose_scores_cannot_be_saved_still_succeeds(store, tmp_pat
     run_dir.mkdir()
     (run_dir / "scores.jsonl").write_text("not json\n")
     runner._set(run_id, run_dir=str(run_dir), config="{}")
-    runner._finish(runner._rows("id = ?", [run_id])[0], {"status": "succeeded", "metrics": {}}, 0)
+    runner._finish(runner._rows("id = ?", [run_id])[0], {"status": "succeeded", "metrics": {"steps": 3}}, 0)
     status = runner.status(run_id)
     assert status.status == "succeeded" and status.result_version is not None
     assert "scores of the stored answers were not saved" in status.error
@@ -257,3 +257,57 @@ def test_a_run_another_process_is_still_preparing_is_not_failed(pg_server, tmp_p
     finally:
         owner_store.close()
         other_store.close()
+
+
+def test_a_run_that_took_no_optimizer_step_is_failed_and_registers_nothing(tmp_path):
+    """A KTO run whose rows TRL all dropped "succeeded" with 0 steps, and its untrained adapter became a candidate."""
+    store = Store(tmp_path / "steps.duckdb")
+    runner = JobRunner(store, runs_dir=tmp_path / "runs", base_model="tiny")
+    for method, metrics in (("kto", {"steps": 0, "train_rows": 12}), ("ppo", {"updates": 0})):
+        run_id = runner._insert_run(method, 0, 12)
+        run_dir = tmp_path / f"run-{method}"
+        run_dir.mkdir()
+        runner._set(run_id, run_dir=str(run_dir), config="{}")
+        runner._finish(runner._rows("id = ?", [run_id])[0], {"status": "succeeded", "metrics": metrics}, 0)
+        status = runner.status(run_id)
+        assert (status.status, status.result_version) == ("failed", None)
+        assert status.error.startswith("the run took no optimizer step: nothing was trained")
+    assert store.list_versions()[1:] == []
+    store.close()
+
+
+def test_a_kto_run_whose_prompts_fill_max_length_fails_clearly(tmp_path, tiny_model_dir):
+    store = Store(tmp_path / "long.duckdb")
+    for i in range(6):
+        prompt = store.add_prompt([{"role": "user", "content": "word " * 100 + f"question {i}?"}], "test")
+        a = store.add_generation(prompt, f"good {i}", model_version_id=0)
+        b = store.add_generation(prompt, f"bad {i}", model_version_id=0)
+        store.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator="t",
+                             choice="A" if i % 3 else "both_bad", source="test")  # fmt: skip
+    runner = runner_for(store, tmp_path, tiny_model_dir)
+    status = runner.wait(runner.submit("kto", {**QUICK, "before_after_prompts": 0}), timeout=300)
+    assert (status.status, status.result_version) == ("failed", None)
+    assert "all 12 training rows have a prompt of max_length (64) tokens or more" in status.error
+    assert store.list_versions()[1:] == []
+    runner.stop()
+    store.close()
+
+
+def test_a_run_continuing_the_serving_version_records_its_lora_shape(tmp_path, tiny_model_dir):
+    """The Train tab's LoRA settings go into run.yaml also when the run continues from the serving version's
+    adapter, where they cannot apply: the run records (and trains with) the parent's shape."""
+    store = Store(tmp_path / "continue.duckdb")
+    seed_preferences(store, 6)
+    runner = runner_for(store, tmp_path, tiny_model_dir)
+    settings = {**QUICK, "before_after_prompts": 0}
+    first = runner.wait(runner.submit("dpo", {**settings, "lora_r": 4, "lora_alpha": 8}), timeout=300)
+    assert first.status == "succeeded", first.error
+    second = runner.submit("dpo", {**settings, "lora_r": 16, "lora_alpha": 32}, parent_version=first.result_version)
+    status = runner.wait(second, timeout=300)
+    assert status.status == "succeeded", status.error
+    recorded = yaml.safe_load((Path(status.run_dir) / "run.yaml").read_text())
+    assert (recorded["lora_r"], recorded["lora_alpha"], recorded["init_adapter"]) == (4, 8, first.run_dir + "/adapter")
+    adapter = json.loads((Path(status.run_dir) / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (4, 8)
+    runner.stop()
+    store.close()

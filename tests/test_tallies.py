@@ -6,6 +6,7 @@ import random
 
 from storage.db import Store
 from storage.exporters import export_rows
+from storage.ratings import MODEL_SQL
 from storage.tallies import EVERYTHING, WHITESPACE, stats, tally, usable_pairs, vote_counts
 
 EFFECTIVE = """SELECT c.* FROM comparisons c WHERE c.choice IN ('A', 'B', 'tie', 'both_bad')
@@ -25,7 +26,7 @@ def counted_afresh(store) -> dict:
             "per_annotator": grouped(f"SELECT annotator, count(*) FROM ({EFFECTIVE}) e GROUP BY 1 ORDER BY 1"),
             "per_source": grouped(f"SELECT source, count(*) FROM ({EFFECTIVE}) e GROUP BY 1 ORDER BY 1"),
             "per_model_version": grouped(
-                "SELECT coalesce('v' || g.model_version_id::VARCHAR, g.model_name, '?'), count(*) "
+                f"SELECT coalesce({MODEL_SQL.format(g='g')}, '?'), count(*) "
                 f"FROM ({EFFECTIVE}) c JOIN generations g ON g.id IN (c.generation_a, c.generation_b) "
                 "GROUP BY 1 ORDER BY 1"
             ),
@@ -49,7 +50,7 @@ def add_judgements(store, rng: random.Random, count: int) -> None:
         texts = ["same", "same"] if rng.random() < 0.2 else [f"answer {rng.random()}", rng.choice(["same", "x"])]
         gens = [
             store.add_generation(prompt, text, model_version_id=rng.choice([0, 1, None]),
-                                 model_name=rng.choice([None, "gpt", "llama"]))
+                                 model_name=rng.choice([None, "gpt", "llama", "v1"]))
             for text in texts
         ]  # fmt: skip
         if rng.random() < 0.1:
@@ -124,3 +125,14 @@ def test_recent_comparisons_are_the_newest_effective_ones(db_url):
 
 def test_the_whitespace_set_is_what_str_strip_removes():
     assert WHITESPACE == "".join(ch for ch in map(chr, range(0x110000)) if ch.isspace())
+
+
+def test_an_imported_model_named_like_a_version_is_counted_apart_from_it(db_url):
+    """Per model version: answers of local version 1 and of an imported model called "v1" were one row "v1"."""
+    store = Store(db_url)
+    prompt = store.add_prompt("Which?", "test")
+    local = store.add_generation(prompt, "local answer", model_version_id=1)
+    imported = store.add_generation(prompt, "imported answer", model_name="v1")
+    store.add_comparison(prompt_id=prompt, generation_a=local, generation_b=imported, annotator="ann", choice="A")
+    assert stats(store)["per_model_version"] == {"v1": 1, "v1 (external)": 1}
+    store.close()

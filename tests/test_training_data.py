@@ -136,3 +136,40 @@ def test_planned_steps_round_up_as_the_trainer_does():
 
     cfg = PrefDPOConfig(data="x.jsonl", out="o", batch_size=4, gradient_accumulation_steps=2, epochs=2)
     assert planned_steps(cfg, 20) == 6
+
+
+def test_held_out_rows_stay_near_the_fraction_with_uneven_prompts(capsys):
+    """Whole prompts were taken until the target was reached: one prompt with many rows drawn first held out 60 %
+    for a 20 % fraction."""
+    rows = [{"prompt": "big", "i": i} for i in range(6)] + [{"prompt": f"p{i}", "i": 6 + i} for i in range(4)]
+    for seed in range(20):
+        train, evaluation = split_rows(rows, 0.2, seed=seed)
+        assert len(evaluation) == 2 and len(train) == 8, seed  # two one-row prompts, never the six-row one
+    import random
+
+    for seed in range(200):  # any mix of prompt sizes: at most twice the target, a row always left to train on
+        rng = random.Random(seed)
+        rows = [{"prompt": f"p{rng.randrange(12)}"} for _ in range(rng.randrange(4, 40))]
+        fraction = rng.choice([0.05, 0.1, 0.25, 0.5])
+        train, evaluation = split_rows(rows, fraction, seed=seed)
+        assert len(evaluation) <= 2 * eval_count(len(rows), fraction) and train, (seed, len(rows), fraction)
+
+
+def test_a_split_that_cannot_hold_out_a_row_says_so(capsys):
+    """Two prompts of five rows, 10 % asked: holding out a prompt is 50 %; that happened silently."""
+    rows = [{"prompt": "a"}] * 5 + [{"prompt": "b"}] * 5
+    train, evaluation = split_rows(rows, 0.1, seed=1)
+    assert (len(train), len(evaluation)) == (10, 0)
+    assert "note: eval_fraction 0.1: nothing held out — 1 of 10 rows was the target" in capsys.readouterr().out
+    split_rows([{"prompt": "a"}] * 3, 0.5, seed=1)
+    assert "nothing held out (fewer than 4 rows)" in capsys.readouterr().out
+    split_rows([{"prompt": f"p{i}"} for i in range(8)], 0.25, seed=1)  # exactly the target: nothing to say
+    assert capsys.readouterr().out == ""
+
+
+def test_eval_fraction_help_is_what_the_split_does():
+    from training.common import CommonConfig
+    from training.configparse import build_parser
+
+    text = " ".join(build_parser(CommonConfig).format_help().split())
+    assert "as near it as whole prompts allow (at most twice it" in text and "≥ 1 row from 4 rows on" not in text

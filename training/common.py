@@ -11,6 +11,7 @@ are fast and these modules are importable without them.
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import sys
 import threading
@@ -18,22 +19,33 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from training.configparse import ConfigError, out_dir_hint, parse_config
+from training.configparse import ConfigError, flag_names, out_dir_hint, parse_config
 from training.data import DATA_SUFFIXES, DataError
 from training.files import json_safe, write_json, write_text_atomic
+from training.parent_adapter import adopt_parent_lora
 from training.progress import ProgressWriter, is_main_process
+from training.run_folder import finished_run, optimizer_steps
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
 
 
 @dataclass
 class CommonConfig:
     """Fields every method shares. Defaults are conservative for ~50-500 pairs on a 135M model on CPU."""
 
+    continues_adapter: ClassVar[bool] = True  # init_adapter is the adapter trained on (not so for a reward model)
     data: str = field(default="", metadata={"help": "training data file (.jsonl, .json or .parquet); required"})
-    out: str = field(default="", metadata={"help": "run folder for progress.jsonl, adapter/, metrics; required"})
+    out: str = field(
+        default="",
+        metadata={
+            "help": "run folder for progress.jsonl, adapter/, metrics; required. A folder where a run ended is "
+            "refused: repeat a run with --config RUN_DIR/run.yaml --out NEW_DIR"
+        },
+    )
     base_model: str = field(default="bundled", metadata={"help": "'bundled', a local model folder or a hub id"})
     model_cache: str = field(default="data/models", metadata={"help": "folder where the bundled model is converted"})
     init_adapter: str | None = field(
@@ -46,7 +58,14 @@ class CommonConfig:
     learning_rate: float = field(default=5e-5, metadata={"help": "peak AdamW learning rate"})
     batch_size: int = field(default=4, metadata={"help": "examples per device per step"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_length: int = field(default=256, metadata={"help": "max tokens of prompt + answer (longer is truncated)"})
+    max_length: int = field(
+        default=256,
+        metadata={
+            "help": "max tokens of prompt + answer: a longer row keeps its start, so the answer's end is cut off; a "
+            "row whose prompt alone has max_length tokens or more is dropped (train_rows / dropped_rows in the "
+            "metrics; the run fails when no row is left)"
+        },
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
@@ -54,7 +73,11 @@ class CommonConfig:
         default="all-linear", metadata={"help": "comma-separated module names, or 'all-linear'"}
     )
     eval_fraction: float = field(
-        default=0.0, metadata={"help": "share of rows held out for evaluation, ≥ 1 row from 4 rows on (0 = none)"}
+        default=0.0,
+        metadata={
+            "help": "share of rows held out for evaluation, whole prompts at a time: as near it as whole prompts "
+            "allow (at most twice it; the log says when none could be); nothing under 4 rows (0 = none)"
+        },
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "trade compute for memory (TRL defaults to true; small models don't need it)"}
@@ -89,6 +112,12 @@ class CommonConfig:
         _require(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1) (got {self.lora_dropout})")
         _require(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1) (got {self.eval_fraction})")
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be ≥ 0 (got {self.warmup_steps})")
+        _require(
+            self.warmup_steps < 1 or float(self.warmup_steps).is_integer(),
+            "warmup_steps",
+            f"a step count (≥ 1) is a whole number, a fraction of all steps is below 1 (got {self.warmup_steps})",
+        )
+        _check_base_model(self.base_model)
         _require(self.before_after_prompts >= 0, "before_after_prompts", "must be ≥ 0")
         _require(self.before_after_max_new_tokens >= 1, "before_after_max_new_tokens", "must be ≥ 1")
         _require(self.before_after_temperature > 0, "before_after_temperature", "must be above 0")
@@ -100,6 +129,19 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _check_base_model(spec: str) -> None:
+    """'bundled', a saved model folder, or something that can be a hub id: checked before any data is read."""
+    if spec == "bundled":
+        return
+    path = Path(spec)
+    if path.exists():
+        _require((path / "config.json").is_file(), "base_model", f"{spec} holds no config.json (no saved model)")
+        return
+    looks_like_path = path.is_absolute() or spec.startswith((".", "~")) or "\\" in spec or spec.count("/") > 1
+    _require(not looks_like_path, "base_model", f"folder {spec} does not exist")
+    _require(bool(HUB_ID.fullmatch(spec)), "base_model", f"{spec!r} is neither 'bundled', a folder nor a hub id")
+
+
 # ---- the child's main ----------------------------------------------------------------------------------
 TrainFn = Callable[[Any, ProgressWriter, threading.Event], dict]
 
@@ -108,19 +150,29 @@ def run_method(config_cls: type[CommonConfig], train_fn: TrainFn, argv: list[str
     """Parse, run `train_fn(cfg, writer, cancel)`, write metrics.json and the `end` line. Returns the exit code.
 
     RUN_DIR/run.yaml is (re)written first with every resolved field: the runner's run.yaml (the usual `--config`)
-    gains the defaults, so one file records what ran, and `--config RUN_DIR/run.yaml` repeats the run.
-    0: succeeded or cancelled (SIGTERM: stop at the next step, keep what is done); 1: training failed;
-    2: bad config (nothing trained).
+    gains the defaults, so one file records what ran (with `init_adapter`, the parent's LoRA shape: see
+    training/parent_adapter.py), and `--config RUN_DIR/run.yaml --out NEW_DIR` repeats the run. A folder where a run
+    ended (an end line, an adapter) is refused untouched: its version's adapter and record stay as registered.
+    0: succeeded or cancelled (SIGTERM: stop at the next step, keep what is done); 1: training failed (also a run
+    that took no optimizer step); 2: bad config (nothing trained).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = parse_config(config_cls, argv)
+        if finished := finished_run(cfg.out):
+            raise ConfigError(
+                f"out: {cfg.out} holds {finished}; a new run needs a new folder (to repeat that run: "
+                f"--config {Path(cfg.out) / 'run.yaml'} --out NEW_DIR)"
+            )
+        notes = adopt_parent_lora(cfg, flag_names(config_cls, argv))
     except ConfigError as exc:
         out = out_dir_hint(argv)
-        if out:
+        if out and not finished_run(out):  # never append to the record of a run that ended
             ProgressWriter(out).end("failed", {}, error=f"bad config: {exc}")
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"note: {note}", flush=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
@@ -130,6 +182,8 @@ def run_method(config_cls: type[CommonConfig], train_fn: TrainFn, argv: list[str
     signal.signal(signal.SIGTERM, lambda signum, frame: cancel.set())
     try:
         metrics = json_safe(train_fn(cfg, writer, cancel) or {})
+        if not cancel.is_set() and not optimizer_steps(metrics):
+            raise DataError("the run took no optimizer step: nothing was trained, so no model is saved as a result")
     except Exception as exc:  # reported in progress.jsonl and the log; the runner marks the run failed
         if not isinstance(exc, DataError | ConfigError):
             traceback.print_exc()

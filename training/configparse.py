@@ -59,9 +59,7 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
                 return word in _TRUE_WORDS
             raise ValueError
         if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            return _whole(name, value)
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -73,9 +71,32 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
             if isinstance(value, dict | list):
                 raise ValueError
             return str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError, OverflowError):  # OverflowError: int("1e400") is int(inf)
         raise ConfigError(f"{name}: expected {base.__name__}, got {value!r}") from None
     return value
+
+
+def _whole(name: str, value: Any) -> int:
+    """An int field's value: an int, or a number or text that is a whole number ("8", "2.0", "1e3", 2.0).
+    A fraction ("8.9e0", 1.5) is refused, never cut to its whole part; ValueError for what is no number at all."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            number = float(value)  # "2.0", "1e3"; ValueError for "abc"
+    else:
+        number = value
+    if not math.isfinite(number):
+        raise ValueError
+    if not number.is_integer():
+        raise ConfigError(f"{name}: expected a whole number, got {value!r} (a fraction is not cut off)")
+    return int(number)
 
 
 def _flag(name: str) -> str:
@@ -124,6 +145,13 @@ def parse_config(cls: type[C], argv: list[str]) -> C:
     cfg = cls(**values)
     cfg.validate()
     return cfg
+
+
+def flag_names(cls: type, argv: list[str]) -> set[str]:
+    """The fields set by a command-line flag (not by --config or a default). Raises ConfigError like parse_config."""
+    parser = build_parser(cls)
+    parser.__class__ = _Parser
+    return set(vars(parser.parse_args(argv))) - {"config"}
 
 
 def build_config(cls: type[C], settings: dict, where: str = "settings") -> C:

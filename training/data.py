@@ -15,6 +15,65 @@ class DataError(ValueError):
     """The data file is unreadable or has the wrong shape; str() names the file (and line)."""
 
 
+def _style(value) -> str:
+    """'text', 'chat' (a list of {role, content} messages) or 'other'."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return "chat"
+    return "other"
+
+
+def check_styles(rows: list[dict], keys: tuple[str, ...], path: str) -> None:
+    """Every row gives all of `keys` as plain text or all as chat-message lists, and all rows the same way (TRL
+    joins prompt and answer: a chat prompt with a text answer is a TypeError deep inside it). DataError names the
+    row."""
+    first: tuple[int, str] | None = None
+    for number, row in enumerate(rows, start=1):
+        styles = {key: _style(row[key]) for key in keys}
+        if bad := [key for key, style in styles.items() if style == "other"]:
+            raise DataError(
+                f"{path}, row {number}: {', '.join(bad)} must be text or a list of chat messages (role, content)"
+            )
+        if len(set(styles.values())) > 1:
+            text = ", ".join(key for key, style in styles.items() if style == "text")
+            raise DataError(
+                f"{path}, row {number}: mixes plain text ({text}) with chat messages "
+                f"({', '.join(key for key, style in styles.items() if style == 'chat')}); give {', '.join(keys)} "
+                "all as text or all as chat messages"
+            )
+        style = styles[keys[0]]
+        if first is None:
+            first = (number, style)
+        elif style != first[1]:
+            raise DataError(
+                f"{path}, row {number}: {style} where row {first[0]} is {first[1]}; rows mix plain-text and "
+                "chat-message rows: export them in one style"
+            )
+
+
+def kept_rows(trainer, n_train: int, n_eval: int, max_length: int, path: str) -> dict:
+    """{"train_rows", "eval_rows", "dropped_rows"}: the rows a TRL trainer kept. DPO, KTO and SFT drop a row whose
+    prompt alone has max_length tokens or more (it would train on no answer token); DataError when no training row
+    is left. A held-out split left empty is not evaluated."""
+    used = len(trainer.train_dataset)
+    used_eval = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
+    dropped = n_train - used + n_eval - used_eval
+    if not used:
+        raise DataError(
+            f"{path}: all {n_train} training rows have a prompt of max_length ({max_length}) tokens or more, so "
+            "none has an answer token left to train on; raise --max-length or use shorter prompts"
+        )
+    if dropped:
+        print(f"note: {dropped} rows dropped: their prompt alone has max_length ({max_length}) tokens or more")
+    if trainer.eval_dataset is not None and not used_eval:
+        from transformers.trainer_utils import IntervalStrategy
+
+        trainer.eval_dataset = None
+        trainer.args.eval_strategy = IntervalStrategy.NO
+    return {"train_rows": used, "eval_rows": used_eval, "dropped_rows": dropped}
+
+
 def load_rows(path: str | Path) -> list[dict]:
     """Rows of a .jsonl / .json (a list of objects) / .parquet file. DataError names the file and line."""
     path = Path(path)
@@ -63,10 +122,15 @@ def eval_count(n_rows: int, eval_fraction: float) -> int:
 
 
 def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, eval): `eval_count` rows held out, whole prompts at a time, picked by a shuffle seeded with `seed`;
-    both keep the input order. Rows of one prompt share answers (an edit is chosen over each original; several
-    votes on one prompt): one of them in training and another held out made the held-out figures too good. A prompt
-    whose rows would leave nothing to train on stays in training; rows without a prompt are their own group."""
+    """(train, eval): about `eval_count` rows held out, whole prompts at a time, picked by a shuffle seeded with
+    `seed`; both keep the input order. Rows of one prompt share answers (an edit is chosen over each original;
+    several votes on one prompt): one of them in training and another held out made the held-out figures too good.
+    Rows without a prompt are their own group.
+
+    Prompts are taken in shuffled order while they fit in the target; then, when it is not reached, the smallest
+    prompt left is added if that brings the held-out count nearer the target (on a tie, when nothing is held out
+    yet). So the held-out rows are as near the target as whole prompts allow and at most twice it, and a row is
+    always left to train on. When a fraction above 0 ends with no row held out (or far from it), the log says so."""
     n_eval = eval_count(len(rows), eval_fraction)
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
@@ -75,9 +139,31 @@ def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]
     order = list(groups.values())
     random.Random(seed).shuffle(order)  # one row per prompt: the same pick as shuffling the rows themselves
     held: set[int] = set()
+    left = []
     for members in order:
-        if len(held) >= n_eval:
-            break
-        if len(held) + len(members) < len(rows):
+        if len(held) + len(members) <= n_eval and len(held) + len(members) < len(rows):
             held.update(members)
+        else:
+            left.append(members)
+    fits = [members for members in left if len(held) + len(members) < len(rows)]
+    if len(held) < n_eval and fits:
+        smallest = min(fits, key=len)  # the first of the smallest, in shuffled order
+        now, then = n_eval - len(held), abs(len(held) + len(smallest) - n_eval)
+        if then < now or (then == now and not held):
+            held.update(smallest)
+    if eval_fraction > 0 and (len(held) != n_eval or not held):
+        print(f"note: {split_note(len(rows), len(held), n_eval, eval_fraction)}", flush=True)
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def split_note(n_rows: int, held: int, target: int, eval_fraction: float) -> str:
+    """Why the held-out split differs from eval_fraction × rows (for the log)."""
+    if n_rows < MIN_ROWS_FOR_EVAL:
+        return f"eval_fraction {eval_fraction:g}: nothing held out (fewer than {MIN_ROWS_FOR_EVAL} rows)"
+    if not held:
+        return (
+            f"eval_fraction {eval_fraction:g}: nothing held out — {target} of {n_rows} rows was the target, but "
+            "holding out any prompt's rows would leave no row to train on or overshoot it too far (rows of one "
+            "prompt stay together)"
+        )
+    return f"eval_fraction {eval_fraction:g}: {held} of {n_rows} rows held out (target {target}; whole prompts only)"

@@ -21,7 +21,7 @@ from typing import ClassVar
 from training.before_after import run_before_after
 from training.common import CommonConfig, run_method
 from training.configparse import ConfigError
-from training.data import DataError, load_rows, split_rows
+from training.data import DataError, check_styles, kept_rows, load_rows, split_rows
 from training.modeling import load_model_for_training, lora_config, save_adapter, trainer_args_kwargs
 from training.progress import ProgressWriter, eval_metrics, is_main_process
 
@@ -67,7 +67,9 @@ class PrefDPOConfig(CommonConfig):
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input (0 keeps DPO exact)"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta: higher keeps the policy closer to the reference"})
     loss_type: str = field(default="sigmoid", metadata={"help": f"DPO loss: {', '.join(LOSS_TYPES)}"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "label noise for the 'robust' loss, in [0, 0.5)"})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "label noise for the 'robust' loss, in [0, 0.5); other losses ignore it (0)"}
+    )
     sft_weight: float = field(
         default=0.0, metadata={"help": "weight of an SFT term (NLL of the chosen answers) added to the loss; 0 = off"}
     )
@@ -80,6 +82,11 @@ class PrefDPOConfig(CommonConfig):
             raise ConfigError(f"loss_type: {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing: must be in [0, 0.5) (got {self.label_smoothing})")
+        if self.label_smoothing and self.loss_type != "robust":
+            raise ConfigError(
+                f"label_smoothing: only the 'robust' loss uses it; loss_type {self.loss_type!r} would ignore "
+                f"{self.label_smoothing} (use --loss-type robust, or leave label_smoothing at 0)"
+            )
         if self.sft_weight < 0:
             raise ConfigError(f"sft_weight: must be ≥ 0 (got {self.sft_weight})")
         if self.full_rate_steps < 0:
@@ -104,17 +111,15 @@ def scaled_learning_rate(cfg: PrefDPOConfig, rows: int) -> float:
 
 
 def check_pairs(rows: list[dict], path: str) -> None:
-    """Every row needs a prompt and a non-empty chosen and rejected answer, all in one style (text or chat)."""
-    styles = set()
+    """Every row needs a prompt and a non-empty chosen and rejected answer, all in one style (text or chat), the
+    same in every row."""
     for number, row in enumerate(rows, start=1):
         missing = [key for key in ("prompt", "chosen", "rejected") if not row.get(key)]
         if missing:
             raise DataError(
                 f"{path}, row {number}: missing or empty {', '.join(missing)} (need prompt, chosen, rejected)"
             )
-        styles.add(tuple(isinstance(row[key], str) for key in ("prompt", "chosen", "rejected")))
-    if len(styles) > 1:
-        raise DataError(f"{path}: rows mix plain-text and chat-message pairs; export them in one style")
+    check_styles(rows, ("prompt", "chosen", "rejected"), path)
 
 
 def train(cfg: PrefDPOConfig, writer: ProgressWriter, cancel: threading.Event) -> dict:
@@ -157,9 +162,10 @@ def train(cfg: PrefDPOConfig, writer: ProgressWriter, cancel: threading.Event) -
         callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)  # progress lines are echoed by the writer already
+    kept = kept_rows(trainer, len(train_rows), len(eval_rows), cfg.max_length, cfg.data)
     trainer.train()
     adapter_dir = save_adapter(trainer.model, tokenizer, Path(cfg.out) / "adapter")
-    metrics = summarize(cfg, trainer.state.global_step, progress, len(train_rows), len(eval_rows))
+    metrics = {**summarize(cfg, trainer.state.global_step, progress, len(train_rows), len(eval_rows)), **kept}
     metrics["learning_rate"] = learning_rate
     if not cancel.is_set() and cfg.before_after_prompts > 0 and is_main_process():
         del trainer, model  # free the training copy before loading the base again for sampling

@@ -17,7 +17,7 @@ from typing import ClassVar
 from training.before_after import run_before_after
 from training.common import CommonConfig, run_method
 from training.configparse import ConfigError
-from training.data import DataError, load_rows, split_rows
+from training.data import DataError, check_styles, kept_rows, load_rows, split_rows
 from training.modeling import load_model_for_training, lora_config, save_adapter, trainer_args_kwargs
 from training.progress import ProgressWriter, eval_metrics, is_main_process
 
@@ -64,12 +64,14 @@ class PrefKTOConfig(CommonConfig):
 
 
 def check_labels(rows: list[dict], path: str) -> tuple[int, int]:
-    """Every row needs a prompt, a non-empty completion and a true/false label. Returns (desirable, undesirable)."""
+    """Every row needs a prompt, a non-empty completion and a true/false label, prompt and completion in one style
+    (text or chat) in every row. Returns (desirable, undesirable)."""
     for number, row in enumerate(rows, start=1):
         missing = [key for key in ("prompt", "completion") if not row.get(key)]
         if missing or not isinstance(row.get("label"), bool):
             what = ", ".join(missing + ([] if isinstance(row.get("label"), bool) else ["label (true or false)"]))
             raise DataError(f"{path}, row {number}: missing or empty {what} (need prompt, completion, label)")
+    check_styles(rows, ("prompt", "completion"), path)
     desirable = sum(1 for row in rows if row["label"])
     return desirable, len(rows) - desirable
 
@@ -93,6 +95,7 @@ def train(cfg: PrefKTOConfig, writer: ProgressWriter, cancel: threading.Event) -
     from training.progress import ProgressCallback
 
     rows = load_rows(cfg.data)
+    check_labels(rows, cfg.data)  # every row, held out or not, before anything is loaded
     train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
     desirable, undesirable = check_labels(train_rows, cfg.data)  # the weights balance what it trains on
     weight_d, weight_u = label_weights(cfg, desirable, undesirable)
@@ -117,14 +120,14 @@ def train(cfg: PrefKTOConfig, writer: ProgressWriter, cancel: threading.Event) -
         callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)
+    kept = kept_rows(trainer, len(train_rows), len(eval_rows), cfg.max_length, cfg.data)
     trainer.train()
     adapter_dir = save_adapter(trainer.model, tokenizer, Path(cfg.out) / "adapter")
     last = progress.last
     metrics = {
         "method": "kto",
         "steps": trainer.state.global_step,
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
+        **kept,
         "desirable": desirable,
         "undesirable": undesirable,
         "desirable_weight": weight_d,

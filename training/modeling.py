@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from training.common import CommonConfig
+from training.configparse import ConfigError
 from training.progress import is_main_process
 
 
@@ -43,8 +44,11 @@ def load_model_for_training(cfg: CommonConfig, kind: str = "causal"):
 
     quiet_progress_bars()
     set_seed(cfg.seed)  # the LoRA A init and any head init are then reproducible
-    path = resolve_model(cfg.base_model, cfg.model_cache)
-    tokenizer = load_tokenizer_for_training(cfg)
+    try:
+        path = resolve_model(cfg.base_model, cfg.model_cache)
+        tokenizer = load_tokenizer_for_training(cfg)
+    except OSError as exc:  # a hub id that is not there (or no network): one line, not a traceback
+        raise ConfigError(f"base_model: cannot load {cfg.base_model!r}: {str(exc).splitlines()[0]}") from None
     dtype = getattr(torch, training_dtype_name())
     if kind == "seq_cls":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)

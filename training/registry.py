@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.run_folder import read_json
+from training.run_folder import optimizer_steps, read_json
 
 
 def register_version(store, base_model: str, row: dict, metrics: dict) -> int:
@@ -32,3 +32,17 @@ def register_version(store, base_model: str, row: dict, metrics: dict) -> int:
         notes=f"{row['method']} run {row['id']}",
         **common,
     )
+
+
+def run_outcome(end: dict | None, returncode: int | None, metrics: dict) -> tuple[str, str | None]:
+    """(status, reason when failed) of an ended run from its end line and exit code. A run that reports success
+    without one optimizer step is failed: it trained nothing, and registering it would offer the untrained adapter
+    as a candidate version."""
+    status = (end or {}).get("status") or "failed"
+    if status == "succeeded" and returncode not in (0, None):
+        status = "failed"
+    if status == "succeeded" and not optimizer_steps(metrics):
+        return "failed", "the run took no optimizer step: nothing was trained, so no version was registered"
+    if status == "failed":
+        return status, (end or {}).get("error") or f"the training process exited with code {returncode}"
+    return status, None

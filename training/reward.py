@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from training.common import CommonConfig, run_method
 from training.configparse import ConfigError
-from training.data import DataError, load_rows, split_rows
+from training.data import DataError, kept_rows, load_rows, split_rows
 from training.modeling import load_model_for_training, lora_config, trainer_args_kwargs
 from training.progress import ProgressLogic, ProgressWriter
 
@@ -46,11 +46,19 @@ class RewardModelConfig(CommonConfig):
     """
 
     method_name: ClassVar[str] = "reward"
+    continues_adapter: ClassVar[bool] = False  # a reward model starts from the base: init_adapter is not applied
     learning_rate: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the pairs when max_steps is -1"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    max_length: int = field(
+        default=256, metadata={"help": "max tokens of prompt + answer (a longer one loses the prompt's start)"}
+    )
     eval_fraction: float = field(
-        default=0.1, metadata={"help": "share of pairs held out for accuracy (at least 1 pair when there are ≥ 4)"}
+        default=0.1,
+        metadata={
+            "help": "share of pairs held out for accuracy, whole prompts at a time: as near it as whole prompts "
+            "allow (at most twice it; the log says when none could be); nothing under 4 pairs"
+        },
     )
     center_rewards_coefficient: float = field(
         default=0.01, metadata={"help": "pulls the mean score toward 0 (0 = off)"}
@@ -183,11 +191,12 @@ def train(cfg: RewardModelConfig, writer: ProgressWriter, cancel: threading.Even
         callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)  # the writer echoes every progress line already
+    kept = kept_rows(trainer, len(train_pairs), len(eval_pairs), cfg.max_length, cfg.data)  # none dropped: cut to fit
     trainer.train()
     if eval_pairs and progress.last_eval.get("step") != trainer.state.global_step:
         trainer.evaluate()  # the final metrics describe the finished model
     save_reward_model(trainer.model, tokenizer, Path(cfg.out) / "reward_model")
-    metrics = summarize(cfg, trainer.state.global_step, progress, len(train_pairs), len(eval_pairs))
+    metrics = {**summarize(cfg, trainer.state.global_step, progress, len(train_pairs), len(eval_pairs)), **kept}
     if cfg.score_data and not cancel.is_set():
         metrics["scored_generations"] = score_stored_generations(cfg, cancel)
     return metrics

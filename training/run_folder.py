@@ -59,6 +59,19 @@ def end_event(run_dir: str | None) -> dict | None:
     return ends[-1] if ends else None
 
 
+def finished_run(run_dir: str | Path | None) -> str | None:
+    """What marks `run_dir` as a run that ended (its end line, an adapter, a reward model), or None: a new run must
+    not write there (it would overwrite a registered version's adapter and append to its progress)."""
+    if not run_dir or not Path(run_dir).is_dir():
+        return None
+    if end_event(run_dir) is not None:
+        return "the end line of a run in its progress.jsonl"
+    for name in ("adapter", "reward_model"):
+        if (Path(run_dir) / name).exists():
+            return f"a trained {name}/"
+    return None
+
+
 def log_tail(run_dir: str | Path, lines: int = LOG_TAIL_LINES) -> str:
     """The last `lines` lines of the run's log, read from the end of the file (logs grow to many megabytes)."""
     path = Path(run_dir) / "log.txt"
@@ -85,3 +98,11 @@ def read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def optimizer_steps(metrics: dict) -> int:
+    """The optimizer steps a run's metrics report ("steps"; PPO: "updates"); 0 when they report none."""
+    try:
+        return int(metrics.get("steps") or metrics.get("updates") or 0)
+    except (TypeError, ValueError):
+        return 0

@@ -26,7 +26,7 @@ from storage.tallies import usable_pairs
 from training.children import Children
 from training.datamix import EXPORT_FORMATS, ROW_KINDS, resolve_method
 from training.files import write_jsonl
-from training.registry import register_version
+from training.registry import register_version, run_outcome
 from training.run_folder import end_event, log_tail, read_json, read_progress
 from training.settings_check import check_settings
 
@@ -277,14 +277,9 @@ class JobRunner:
         return True
 
     def _finish(self, row: dict, end: dict | None, returncode: int | None = None) -> None:
-        status = (end or {}).get("status") or "failed"
-        if status == "succeeded" and returncode not in (0, None):
-            status = "failed"
         metrics = (end or {}).get("metrics") or read_json(Path(row["run_dir"]) / "metrics.json") or {}
-        error = None
-        if status == "failed":
-            reason = (end or {}).get("error") or f"the training process exited with code {returncode}"
-            error = f"{reason}\n{LOG_HEADER}\n{log_tail(row['run_dir'])}"
+        status, reason = run_outcome(end, returncode, metrics)  # a run without an optimizer step is failed
+        error = f"{reason}\n{LOG_HEADER}\n{log_tail(row['run_dir'])}" if status == "failed" else None
         version = register_version(self.store, self.base_model, row, metrics) if status == "succeeded" else None
         if version is not None and row["method"] == "reward" and (Path(row["run_dir"]) / "scores.jsonl").is_file():
             try:  # the reward model is registered and fine: a bad score file must not mark its run failed

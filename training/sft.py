@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from training.before_after import run_before_after
 from training.common import CommonConfig, run_method
-from training.data import DataError, load_rows, split_rows
+from training.data import DataError, check_styles, kept_rows, load_rows, split_rows
 from training.modeling import load_model_for_training, lora_config, save_adapter, trainer_args_kwargs
 from training.progress import ProgressWriter, eval_metrics, is_main_process
 
@@ -41,6 +41,7 @@ def check_completions(rows: list[dict], path: str) -> None:
         missing = [key for key in ("prompt", "completion") if not row.get(key)]
         if missing:
             raise DataError(f"{path}, row {number}: missing or empty {', '.join(missing)} (need prompt, completion)")
+    check_styles(rows, ("prompt", "completion"), path)
 
 
 def fit(
@@ -78,13 +79,13 @@ def fit(
         callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)
+    kept = kept_rows(trainer, len(rows), len(eval_rows or []), cfg.max_length, cfg.data)
     trainer.train()
     save_adapter(trainer.model, tokenizer, adapter_dir)
     last = progress.last
     metrics = {
         "steps": trainer.state.global_step,
-        "train_rows": len(rows),
-        "eval_rows": len(eval_rows or []),
+        **kept,
         "loss": last.get("loss"),
         "token_accuracy": last.get("token_accuracy"),
         "train_loss": progress.summary.get("train_loss"),
