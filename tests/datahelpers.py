@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 TOPICS = ["rivers", "tea", "bicycles", "the moon", "bread", "owls", "rain", "chess", "maps", "music",
           "glass", "trees", "clocks", "salt", "bridges", "snow", "honey", "trains", "paper", "stars"]  # fmt: skip
 
@@ -21,3 +24,23 @@ def seed_preferences(store, n: int = 40, annotator: str = "tester") -> list[int]
         ids.append(store.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator=annotator,
                                         choice=choice, source="test"))  # fmt: skip
     return ids
+
+
+MARKDOWN_BAIT = "[click](https://example.com/go) ![p](https://example.com/p.png) <b>bold</b> **loud**"
+
+
+def markdown_battle_file(folder: Path) -> Path:
+    """An arena battle file the importer refuses, quoting its bad winner field: Markdown and a tag that the page
+    must show as text."""
+    battle = {
+        "question_id": "q1",
+        "model_a": "m1",
+        "model_b": "m2",
+        "winner": MARKDOWN_BAIT,
+        "judge": "j",
+        "conversation_a": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+        "conversation_b": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hey."}],
+    }
+    path = folder / "battles.jsonl"
+    path.write_text(json.dumps(battle) + "\n", encoding="utf-8")
+    return path

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from tests.apphelpers import running_app, wait_for
+from tests.datahelpers import MARKDOWN_BAIT, markdown_battle_file
 from tests.test_browser_label import CHROMIUM, CHROMIUM_ARGS, open_page, rows, wait_pair_shown, wait_votes
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -80,20 +81,7 @@ def test_a_held_key_or_a_key_on_another_tab_casts_no_vote(browser, tmp_path, tin
 
 def test_an_import_error_quoting_markdown_from_the_file_is_shown_as_text(browser, tmp_path, tiny_model_dir):
     """The importer's message quotes the file's bad field: a link, an image and a tag in it stay text."""
-    import json
-
-    evil = "[click](https://example.com/go) ![p](https://example.com/p.png) <b>bold</b> **loud**"
-    record = {
-        "question_id": "q1",
-        "model_a": "m1",
-        "model_b": "m2",
-        "winner": evil,
-        "judge": "j",
-        "conversation_a": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
-        "conversation_b": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hey."}],
-    }
-    broken = tmp_path / "battles.jsonl"
-    broken.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    evil, broken = MARKDOWN_BAIT, markdown_battle_file(tmp_path)
     with running_app(tmp_path, tiny_model_dir, queue_size=1, wait_pairs=1) as (url, _):
         page = open_page(browser, url, "dana")
         page.get_by_role("tab", name="Data").click()

@@ -11,6 +11,7 @@ from labeling.access import Access, User
 from labeling.pair_queue import PairQueue
 from labeling.services import Services
 from storage.db import Store
+from tests.datahelpers import MARKDOWN_BAIT, markdown_battle_file
 from training.runner import JobRunner
 from ui.data_tab import DataHandlers
 from ui.leaderboard_tab import LeaderboardHandlers
@@ -146,21 +147,9 @@ def shown_html(markdown: str) -> str:
 def test_markdown_in_an_import_error_or_a_name_is_shown_as_text(store, services, tmp_path):
     """An importer's error quotes the file; a display name is typed by anyone: neither may make a link, an image,
     a tag or emphasis in the page's Markdown."""
-    import json
-
     from ui.label_tab import LabelHandlers
 
-    evil = "[click](https://example.com/go) ![p](https://example.com/p.png) <b>bold</b> **loud**"
-    battle = {
-        "model_a": "m1",
-        "model_b": "m2",
-        "winner": evil,
-        "judge": "j",
-        "conversation_a": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
-        "conversation_b": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hey."}],
-    }
-    path = tmp_path / "battles.jsonl"
-    path.write_text(json.dumps(battle) + "\n", encoding="utf-8")
+    evil, path = MARKDOWN_BAIT, markdown_battle_file(tmp_path)
     message = DataHandlers(services, Access(), 1000).do_import(str(path), "auto", as_user(None))[0]
     assert message.startswith("⚠️ Import failed")
     name = "![pixel](https://example.com/p.png) *me*"
