@@ -37,7 +37,7 @@ run: setup
 	$(BIN)/python app.py $(ARGS)
 
 test: setup-dev
-	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 lint: setup-dev
 	$(BIN)/ruff check .
