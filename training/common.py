@@ -153,7 +153,8 @@ def run_method(config_cls: type[CommonConfig], train_fn: TrainFn, argv: list[str
     gains the defaults, so one file records what ran (with `init_adapter`, the parent's LoRA shape: see
     training/parent_adapter.py), and `--config RUN_DIR/run.yaml --out NEW_DIR` repeats the run. A folder where a run
     ended (an end line, an adapter) is refused untouched: its version's adapter and record stay as registered.
-    0: succeeded or cancelled (SIGTERM: stop at the next step, keep what is done); 1: training failed (also a run
+    0: succeeded or cancelled (SIGTERM: stop at the next step, keep what is done; a Cancel that came after the
+    result was saved, `cancelled_after_saving` in the metrics, ends succeeded); 1: training failed (also a run
     that took no optimizer step); 2: bad config (nothing trained).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -191,7 +192,8 @@ def run_method(config_cls: type[CommonConfig], train_fn: TrainFn, argv: list[str
         writer.end("failed", {}, error=message)
         print(f"error: {message}", file=sys.stderr)
         return 1
-    status = "cancelled" if cancel.is_set() else "succeeded"
+    # a Cancel after the result was saved (a reward model scoring the stored answers) keeps the run: succeeded
+    status = "cancelled" if cancel.is_set() and not metrics.get("cancelled_after_saving") else "succeeded"
     if is_main_process():
         write_json(out / "metrics.json", metrics)
     writer.end(status, metrics)

@@ -8,7 +8,8 @@
   a continued adapter → by default the parent version (a frozen copy of `init_adapter` named "ref", as DPO does),
   so PPO stays close to the version people judged; `--reference base` uses the base (adapter disabled) instead.
 - prompts: `--prompts FILE` or else the `--data` snapshot (rows with a "prompt"; the runner writes those with
-  comparisons first). The first `total_episodes` distinct prompts are used, repeated when fewer than a batch.
+  comparisons first). The first distinct prompts, one per episode (`total_episodes`, fewer with `max_steps`), are
+  used, repeated when fewer than a batch; the `prompts` metric counts them.
 
 Answers stop at the end-of-turn token and the reward head reads that token (see training.reward): generation and
 reward-model training see the same sequence layout. PPOTrainer's loop ignores `control.should_training_stop`, so a
@@ -55,7 +56,8 @@ class PPORunConfig(CommonConfig):
 
     Defaults run on CPU in a few minutes with the bundled 135M model (≈ 10-15 s per update of 4 episodes ×
     32 tokens): 32 episodes = 8 updates. learning_rate 1e-4 (LoRA; TRL's 3e-6 is for full fine-tuning), kl_coef
-    0.05, num_ppo_epochs 4 and temperature 0.7 as TRL. `epochs` is not used: total_episodes decides the length.
+    0.05, num_ppo_epochs 4 and temperature 0.7 as TRL. `epochs` and `eval_fraction` are not used (total_episodes and
+    max_steps decide the length; nothing is held out): a value other than their default is refused, not ignored.
     """
 
     method_name: ClassVar[str] = "ppo"
@@ -64,6 +66,12 @@ class PPORunConfig(CommonConfig):
     max_steps: int = field(default=-1, metadata={"help": "cap on PPO updates; -1 = total_episodes / batch_size"})
     max_length: int = field(default=256, metadata={"help": "max prompt tokens (a longer prompt loses its start)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input (PPO disables dropout)"})
+    epochs: float = field(
+        default=1.0, metadata={"help": "not used by PPO (total_episodes and max_steps decide the length); only 1"}
+    )
+    eval_fraction: float = field(
+        default=0.0, metadata={"help": "not used by PPO (it holds nothing out: the reward model judges); only 0"}
+    )
     reward_model: str = field(default="", metadata={"help": "reward model folder (a reward run's reward_model/)"})
     reward_model_version: int | None = field(default=None, metadata={"help": "its model version id (for the record)"})
     prompts: str | None = field(default=None, metadata={"help": "prompts file (rows with 'prompt'); none = --data"})
@@ -96,6 +104,12 @@ class PPORunConfig(CommonConfig):
                 raise ConfigError(f"prompts: file {self.prompts} does not exist")
             if path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
                 raise ConfigError(f"prompts: {self.prompts}: use .jsonl, .json or .parquet")
+        for name, default in (("epochs", 1), ("eval_fraction", 0)):
+            if getattr(self, name) != default:
+                raise ConfigError(
+                    f"{name}: PPO does not use it (got {getattr(self, name)}): total_episodes and max_steps decide "
+                    "how long it trains, and it holds nothing out"
+                )
         for name in ("total_episodes", "response_length", "num_ppo_epochs", "num_mini_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be ≥ 1 (got {getattr(self, name)})")
@@ -227,15 +241,19 @@ def load_models(cfg: PPORunConfig):
     return policy, tokenizer, reward_model, value_model, reference
 
 
+def episode_count(cfg: PPORunConfig) -> int:
+    """Episodes the run generates: total_episodes, fewer when max_steps caps the updates."""
+    if cfg.max_steps > 0:
+        return min(cfg.total_episodes, cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps)
+    return cfg.total_episodes
+
+
 def ppo_args(cfg: PPORunConfig, has_ref_adapter: bool):
     from trl.experimental.ppo import PPOConfig
 
-    episodes = cfg.total_episodes
-    if cfg.max_steps > 0:
-        episodes = min(episodes, cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps)
     return PPOConfig(
         **trainer_args_kwargs(cfg),
-        total_episodes=episodes,
+        total_episodes=episode_count(cfg),
         response_length=cfg.response_length,
         kl_coef=cfg.kl_coef,
         num_ppo_epochs=cfg.num_ppo_epochs,
@@ -255,7 +273,7 @@ def train(cfg: PPORunConfig, writer: ProgressWriter, cancel: threading.Event) ->
     from transformers import PrinterCallback
     from trl.experimental.ppo import PPOTrainer
 
-    prompts = load_prompts(cfg.prompts or cfg.data, cfg.total_episodes)
+    prompts = load_prompts(cfg.prompts or cfg.data, episode_count(cfg))  # the prompts it answers: one per episode
     policy, tokenizer, reward_model, value_model, reference = load_models(cfg)
     args = ppo_args(cfg, has_ref_adapter="ref" in policy.peft_config)
     dataset = prompt_dataset(tokenizer, prompts, cfg.max_length, cfg.batch_size * cfg.gradient_accumulation_steps)

@@ -20,6 +20,8 @@ import math
 import os
 import shutil
 import threading
+import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +36,7 @@ EVALS_PER_RUN = 4  # held-out evaluations spread over a run (each costs one pass
 REWARD_RENAME = {"accuracy": "accuracy", "margin": "margin", "mean_reward": "mean_reward"}
 EVAL_METRICS = ("loss", "accuracy", "margin", "mean_reward", "min_reward", "max_reward")
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>")  # tried after the tokenizer's unk token
+SCORING_LINE_SECONDS = 5.0  # "scoring" progress lines while the stored answers are scored (not one per batch)
 
 
 @dataclass
@@ -150,6 +153,16 @@ def pair_rows(rows: list[dict], path: str) -> list[tuple[list[dict], list[dict],
     return pairs
 
 
+def split_pairs(rows: list[dict], path: str, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval) pairs of `rows`, split by prompt: the rows are split as dicts (split_rows groups them by their
+    "prompt"), then converted. A prompt's rows share answers (winner over loser, the edit over each original), so
+    one of them trained on and another held out made eval_accuracy too good; tuples have no "prompt" to group by."""
+    pairs = pair_rows(rows, path)  # every row checked first: a DataError names its row number in the file
+    keyed = [{"prompt": row["prompt"], "pair": pair} for row, pair in zip(rows, pairs, strict=True)]
+    train_rows, eval_rows = split_rows(keyed, eval_fraction, seed)
+    return [r["pair"] for r in train_rows], [r["pair"] for r in eval_rows]
+
+
 def _tokenized(tokenizer, pairs, max_length: int):
     from datasets import Dataset
 
@@ -166,8 +179,7 @@ def train(cfg: RewardModelConfig, writer: ProgressWriter, cancel: threading.Even
 
     from training.progress import ProgressCallback
 
-    pairs = pair_rows(load_rows(cfg.data), cfg.data)
-    train_pairs, eval_pairs = split_rows(pairs, cfg.eval_fraction, cfg.seed)
+    train_pairs, eval_pairs = split_pairs(load_rows(cfg.data), cfg.data, cfg.eval_fraction, cfg.seed)
     model, tokenizer = load_model_for_training(cfg, "seq_cls")
     use_distinct_pad_token(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -198,25 +210,44 @@ def train(cfg: RewardModelConfig, writer: ProgressWriter, cancel: threading.Even
     save_reward_model(trainer.model, tokenizer, Path(cfg.out) / "reward_model")
     metrics = {**summarize(cfg, trainer.state.global_step, progress, len(train_pairs), len(eval_pairs)), **kept}
     if cfg.score_data and not cancel.is_set():
-        metrics["scored_generations"] = score_stored_generations(cfg, cancel)
+        metrics.update(score_stored_generations(cfg, cancel, writer))
     return metrics
 
 
-def score_stored_generations(cfg: RewardModelConfig, cancel=None) -> int:
+def score_stored_generations(cfg: RewardModelConfig, cancel=None, writer: ProgressWriter | None = None) -> dict:
     """Score the app's snapshot of stored generations with the new reward model; rows go to RUN_DIR/scores.jsonl.
-    A Cancel stops it at the next batch (none are written): scoring 100,000 answers takes hours on a CPU."""
+
+    The reward model is saved by then, so neither a Cancel nor an error here undoes the run: a Cancel stops it at
+    the next batch (none are written: scoring 100,000 answers takes hours on a CPU) and an error is logged; the
+    metrics then carry a `note` and, for a Cancel, `cancelled_after_saving` (the run ends succeeded with the note,
+    the reward model is registered, and a chained PPO run is not started: see training.registry.reward_outcome).
+    A "scoring" line per batch goes to progress.jsonl (done, total), so the Train tab shows how far it is."""
     from training.score import ScoringCancelled, score_rows, write_rows
 
-    rows = load_rows(cfg.score_data)  # never empty: load_rows refuses a file without rows
+    last = [0.0]
+
+    def on_batch(done: int, total: int) -> None:  # at most one line every SCORING_LINE_SECONDS, and the last
+        if writer is not None and (done == total or time.monotonic() - last[0] >= SCORING_LINE_SECONDS):
+            last[0] = time.monotonic()
+            writer.write("scoring", done=done, total=total)
+
     try:
-        scored = score_rows(rows, Path(cfg.out) / "reward_model", cfg.score_data, cfg.max_length, cancel=cancel)
-    except ScoringCancelled:
-        return 0
-    write_rows(
-        [{"generation_id": r.get("generation_id"), "score": r["score"]} for r in scored],
-        Path(cfg.out) / "scores.jsonl",
-    )
-    return len(scored)
+        rows = load_rows(cfg.score_data)  # never empty: load_rows refuses a file without rows
+        scored = score_rows(
+            rows, Path(cfg.out) / "reward_model", cfg.score_data, cfg.max_length, cancel=cancel, on_batch=on_batch
+        )
+        write_rows(
+            [{"generation_id": r.get("generation_id"), "score": r["score"]} for r in scored],
+            Path(cfg.out) / "scores.jsonl",
+        )
+    except ScoringCancelled as exc:
+        note = f"the reward model is ready; scoring the stored answers was cancelled ({exc}): none were scored"
+        return {"scored_generations": 0, "note": note, "cancelled_after_saving": True}
+    except Exception as exc:  # the saved reward model is fine: say why the scores are missing, keep the run
+        traceback.print_exc()
+        return {"scored_generations": 0, "note": f"the reward model is ready, but scoring the stored answers "
+                f"failed: {type(exc).__name__}: {exc}"}  # fmt: skip
+    return {"scored_generations": len(scored)}
 
 
 def _total_steps(cfg: CommonConfig, n_train: int) -> int:

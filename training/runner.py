@@ -21,12 +21,12 @@ import yaml
 
 from storage.exporters import export_rows, ppo_prompt_rows
 from storage.promotions import same_base
-from storage.scores import load_score_file, save_scores, write_generations_to_score
+from storage.scores import write_generations_to_score
 from storage.tallies import usable_pairs
 from training.children import Children
 from training.datamix import EXPORT_FORMATS, ROW_KINDS, resolve_method
 from training.files import write_jsonl
-from training.registry import register_version, run_outcome
+from training.registry import RunRejected, register_version, resolve_reward_model, reward_outcome, run_outcome
 from training.run_folder import end_event, log_tail, read_json, read_progress
 from training.settings_check import check_settings
 
@@ -37,10 +37,6 @@ MIN_PAIRS = 4  # below this a preference run learns nothing but noise
 # On PostgreSQL a queued run without its folder may be one another app process is still writing: after this long
 # it was left half-submitted (that app stopped, its disk filled up). On DuckDB only this process submits.
 PREPARING = "created_at < now() - INTERVAL '10 minutes'"
-
-
-class RunRejected(ValueError):
-    """A run that must not start; the message is shown to the user as is."""
 
 
 @dataclass
@@ -165,8 +161,8 @@ class JobRunner:
                 f"version {parent_version} was trained on {parent.get('base_model')}, not on this app's base model "
                 f"{self.base_model}: its adapter does not fit"
             )
-        if method == "ppo" and not settings.get("reward_model"):
-            raise RunRejected("no reward model: train one first (method 'reward', or the reward → PPO chain)")
+        if method == "ppo":  # a reward version's id → its folder; one of another base model is refused
+            settings = resolve_reward_model(self.store, settings, self.base_model)
         self.check(method, settings, parent_version)
         if chain:
             self.check(chain["method"], chain["settings"], chain["parent_version"], reward_model_later=True)
@@ -281,19 +277,14 @@ class JobRunner:
         status, reason = run_outcome(end, returncode, metrics)  # a run without an optimizer step is failed
         error = f"{reason}\n{LOG_HEADER}\n{log_tail(row['run_dir'])}" if status == "failed" else None
         version = register_version(self.store, self.base_model, row, metrics) if status == "succeeded" else None
-        if version is not None and row["method"] == "reward" and (Path(row["run_dir"]) / "scores.jsonl").is_file():
-            try:  # the reward model is registered and fine: a bad score file must not mark its run failed
-                save_scores(self.store, version, load_score_file(Path(row["run_dir"]) / "scores.jsonl"))
-            except Exception as exc:
-                error = f"the reward model is ready, but its scores of the stored answers were not saved: {exc!r}"
+        chain = None  # a reward run: scores saved, a note (e.g. cancelled while scoring), its chained PPO run
+        if version is not None and row["method"] == "reward":
+            note, chain = reward_outcome(self.store, version, row, metrics)
+            error = error or note
         self._set(row["id"], status=status, metrics=json.dumps(metrics), error=error, result_version=version, end=True)
-        meta = json.loads(row["config"] or "{}")
-        if status == "succeeded" and meta.get("chain") and row["method"] == "reward":
-            chain = meta["chain"]
-            settings = {**chain["settings"], "reward_model": str(Path(row["run_dir"]) / "reward_model")}
-            settings["reward_model_version"] = version
+        if chain:
             try:
-                self.submit(chain["method"], settings, parent_version=chain["parent_version"])
+                self.submit(chain["method"], chain["settings"], parent_version=chain["parent_version"])
             except Exception as exc:  # the reward run itself succeeded and is recorded so: say why PPO did not start
                 self._set(row["id"], error=f"the chained PPO run could not start: {exc}")
 

@@ -71,9 +71,10 @@ class RewardScorer:
         self.batch_size = batch_size
         self._torch = torch
 
-    def score(self, items: list[tuple[Chat, Chat]], cancel=None) -> list[float]:
+    def score(self, items: list[tuple[Chat, Chat]], cancel=None, on_batch=None) -> list[float]:
         """Scores of (prompt chat, one-message answer) items, in input order; longest first to pad little.
-        `cancel` (a threading.Event): once set, ScoringCancelled at the next batch."""
+        `cancel` (a threading.Event): once set, ScoringCancelled at the next batch; `on_batch(done, total)` after
+        each batch."""
         torch = self._torch
         encoded = [encode_answer(self.tokenizer, prompt, answer, self.max_length) for prompt, answer in items]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
@@ -92,6 +93,8 @@ class RewardScorer:
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
             for row, i in enumerate(chunk):
                 scores[i] = float(logits[row, 0])
+            if on_batch is not None:
+                on_batch(start + len(chunk), len(order))
         return scores
 
 
@@ -122,14 +125,22 @@ def score_rows(
     max_length: int = 512,
     batch_size: int = 8,
     cancel=None,
+    on_batch=None,
 ) -> list[dict]:
-    """Copies of `rows` with score columns added (DataError on a bad row, before any model is loaded)."""
+    """Copies of `rows` with score columns added (DataError on a bad row, before any model is loaded).
+    `on_batch(done, total)` is called after each batch of answers."""
+    return _score(rows, reward_model, path, max_length, batch_size, cancel, on_batch)[0]
+
+
+def _score(rows, reward_model, path, max_length, batch_size, cancel=None, on_batch=None):
+    """(scored rows, the scores this call computed): a passed-through "score" column (null, or another model's)
+    is not one of them."""
     items, targets = _items(rows, path)
-    scores = RewardScorer(reward_model, max_length, batch_size).score(items, cancel)
+    scores = RewardScorer(reward_model, max_length, batch_size).score(items, cancel, on_batch)
     scored = [dict(row) for row in rows]
     for (index, column), value in zip(targets, scores, strict=True):
         scored[index][column] = value
-    return scored
+    return scored, scores
 
 
 def _uniform_chats(rows: list[dict]) -> list[dict]:
@@ -142,15 +153,18 @@ def _uniform_chats(rows: list[dict]) -> list[dict]:
 
 
 def write_rows(rows: list[dict], out: str | Path) -> None:
-    """Rows to .jsonl or .parquet through a temp file and a rename (no partial file on failure)."""
+    """Rows to .jsonl or .parquet through a temp file and a rename (no partial file on failure). In parquet every
+    row's columns are kept: a column some rows lack is null in those."""
     if Path(out).suffix != ".parquet":
         write_jsonl(out, rows)
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # every row's keys, first seen first
+    full = [{key: row.get(key) for key in columns} for row in rows]  # from_pylist takes the first row's keys only
     with replacing(out) as tmp:
-        pq.write_table(pa.Table.from_pylist(_uniform_chats(rows)), tmp)
+        pq.write_table(pa.Table.from_pylist(_uniform_chats(full)), tmp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,12 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(ScoreConfig, argv)
         rows = load_rows(cfg.data)
-        scored = score_rows(rows, cfg.reward_model, cfg.data, cfg.max_length, cfg.batch_size)
+        scored, values = _score(rows, cfg.reward_model, cfg.data, cfg.max_length, cfg.batch_size)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     write_rows(scored, cfg.out)
-    values = [v for row in scored for k, v in row.items() if k in ("score", "chosen_score", "rejected_score")]
     print(f"scored {len(values)} answers in {len(scored)} rows → {cfg.out} (mean {sum(values) / len(values):.3f})")
     return 0
 

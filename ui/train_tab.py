@@ -15,7 +15,7 @@ from labeling.access import Access, AccessDenied
 from labeling.services import Services, UserError
 from training.datamix import DEFAULT_METHOD
 from training.runner import RunRejected
-from ui.train_settings import FIELDS, METHODS, parse_settings, submit
+from ui.train_settings import FIELDS, METHODS, parse_settings, reward_version_id, submit
 
 ENDED = ("succeeded", "failed", "cancelled")
 KEEP = object()  # TrainHandlers.overview: leave the reward model's pick as the page has it
@@ -159,6 +159,7 @@ class TrainHandlers:
             if blocked := _training_blocked(self.services):
                 raise UserError(blocked)
             form = {name: values.get(component) for name, component in self.form.items()}
+            form["reward_model"] = reward_version_id(self.services.store, form.get("reward_model"))
             kind, parent_id = form.pop("method"), form.pop("parent")
             parent_id = self.services.engine.active_version if parent_id in (None, "") else int(parent_id)
             run_id = submit(self.services.runner, METHODS[kind], parse_settings(form), parent_id)
@@ -287,6 +288,9 @@ def _progress_html(status) -> str:
     done = 100 if status.status == "succeeded" else (100 * step / total if total else 0)
     eta = last.get("eta")
     eta_text = f" · ETA {eta:.0f} s" if isinstance(eta, int | float) and status.status == "running" else ""
+    scoring = status.progress[-1] if status.progress and status.progress[-1].get("event") == "scoring" else None
+    if scoring and status.status == "running":  # a reward model, trained, scores the stored answers (can be long)
+        eta_text = f" · scoring the stored answers: {scoring.get('done')}/{scoring.get('total')}"
     reason = f"<div class='run-reason'>{html.escape(status.message)}</div>" if status.message else ""  # Auto's pick
     return (
         f"<div id='run-progress'><b>Run #{status.id} ({html.escape(status.method)}): {html.escape(status.status)}"
