@@ -166,7 +166,7 @@ def test_a_reward_run_cancelled_while_scoring_is_registered_without_its_chained_
 # ---- 5, 6: the reward model a PPO run gets, and its unused settings ------------------------------------
 def test_ppo_gets_a_reward_version_of_the_same_base_and_records_it(tmp_path, tiny_model_dir, random_reward_model):
     from training.runner import JobRunner, RunRejected
-    from ui.train_settings import parse_settings, reward_version_id, submit
+    from ui.train_settings import parse_settings, submit
 
     store = Store(tmp_path / "store.duckdb")
     try:
@@ -181,7 +181,7 @@ def test_ppo_gets_a_reward_version_of_the_same_base_and_records_it(tmp_path, tin
             runner.submit("ppo", {"reward_model": "/elsewhere/rm"})  # the path form finds the version too
         with pytest.raises(RunRejected, match="epochs: PPO does not use it"):
             runner.submit("ppo", {"reward_model_version": mine, "epochs": 3})
-        form = {"reward_model": reward_version_id(store, str(random_reward_model)), "epochs": "7", "max_steps": "1",
+        form = {"reward_model": str(random_reward_model), "epochs": "7", "max_steps": "1",
                 "batch_size": "2", "max_length": "64", "response_length": "4"}  # fmt: skip
         run_id = submit(runner, "ppo", parse_settings(form), 0)  # the Train tab's PPO: the dropdown's pick, Epochs
         config = yaml.safe_load((Path(runner.status(run_id).run_dir) / "run.yaml").read_text())

@@ -63,17 +63,15 @@ class PrefKTOConfig(CommonConfig):
                 raise ConfigError(f"{name}: must be above 0 (got {getattr(self, name)})")
 
 
-def check_labels(rows: list[dict], path: str) -> tuple[int, int]:
+def check_labels(rows: list[dict], path: str) -> None:
     """Every row needs a prompt, a non-empty completion and a true/false label, prompt and completion in one style
-    (text or chat) in every row. Returns (desirable, undesirable)."""
+    (text or chat) in every row."""
     for number, row in enumerate(rows, start=1):
         missing = [key for key in ("prompt", "completion") if not row.get(key)]
         if missing or not isinstance(row.get("label"), bool):
             what = ", ".join(missing + ([] if isinstance(row.get("label"), bool) else ["label (true or false)"]))
             raise DataError(f"{path}, row {number}: missing or empty {what} (need prompt, completion, label)")
     check_styles(rows, ("prompt", "completion"), path)
-    desirable = sum(1 for row in rows if row["label"])
-    return desirable, len(rows) - desirable
 
 
 def label_weights(cfg: PrefKTOConfig, desirable: int, undesirable: int) -> tuple[float, float]:
@@ -97,7 +95,8 @@ def train(cfg: PrefKTOConfig, writer: ProgressWriter, cancel: threading.Event) -
     rows = load_rows(cfg.data)
     check_labels(rows, cfg.data)  # every row, held out or not, before anything is loaded
     train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
-    desirable, undesirable = check_labels(train_rows, cfg.data)  # the weights balance what it trains on
+    desirable = sum(1 for row in train_rows if row["label"])  # the weights balance what it trains on
+    undesirable = len(train_rows) - desirable
     weight_d, weight_u = label_weights(cfg, desirable, undesirable)
     model, tokenizer = load_model_for_training(cfg, "causal")
     args = KTOConfig(

@@ -50,7 +50,7 @@ REWARD_KEYS = {
     "lora_alpha",
     "lora_dropout",
 }
-PPO_ONLY = {"total_episodes", "response_length", "kl_coef", "reward_model", "reward_model_version"}
+PPO_ONLY = {"total_episodes", "response_length", "kl_coef", "reward_model"}
 PPO_UNUSED = {"beta", "epochs"}  # PPO's length is total_episodes (and max_steps); it would refuse epochs
 
 
@@ -60,21 +60,11 @@ def parse_settings(values: dict) -> dict:
     for name, value in values.items():
         if value is None or (isinstance(value, str) and not value.strip()):
             continue
-        if name == "reward_model":  # the Train tab's dropdown: a reward version's id (a folder still works)
-            text = str(value).strip()
-            settings["reward_model_version" if text.isdigit() else name] = int(text) if text.isdigit() else text
+        if name == "reward_model":  # a reward version's folder: the runner finds its version and checks its base
+            settings[name] = str(value)
             continue
         settings[name] = _number(name, str(value).strip())
     return settings
-
-
-def reward_version_id(store, picked):
-    """The PPO dropdown's pick (a reward version's folder) → that version's id, so the run records which reward
-    model it used and the runner checks its base model; a folder no version holds is passed on as it is."""
-    if picked in (None, ""):
-        return picked
-    known = [v["id"] for v in store.list_versions("reward") if v["adapter_path"] == picked]
-    return known[-1] if known else picked
 
 
 def _number(name: str, text: str) -> int | float:
@@ -97,7 +87,7 @@ def submit(runner, kind: str, settings: dict, parent_id: int) -> int:
     """Queue a run (or the reward → PPO chain) with the settings each method takes."""
     if kind == "chain":
         reward_settings = {k: v for k, v in settings.items() if k in REWARD_KEYS}
-        not_ppo = {"reward_model", "reward_model_version"} | PPO_UNUSED  # the chain's own reward model is the one
+        not_ppo = {"reward_model"} | PPO_UNUSED  # the chain's own reward model is the one
         ppo_settings = {k: v for k, v in settings.items() if k not in not_ppo}
         return runner.submit_chain(reward_settings, ppo_settings, parent_version=parent_id)
     if kind in ("dpo", "auto", "kto", "sft_dpo"):

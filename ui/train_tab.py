@@ -15,7 +15,7 @@ from labeling.access import Access, AccessDenied
 from labeling.services import Services, UserError
 from training.datamix import DEFAULT_METHOD
 from training.runner import RunRejected
-from ui.train_settings import FIELDS, METHODS, parse_settings, reward_version_id, submit
+from ui.train_settings import FIELDS, METHODS, parse_settings, submit
 
 ENDED = ("succeeded", "failed", "cancelled")
 KEEP = object()  # TrainHandlers.overview: leave the reward model's pick as the page has it
@@ -159,7 +159,6 @@ class TrainHandlers:
             if blocked := _training_blocked(self.services):
                 raise UserError(blocked)
             form = {name: values.get(component) for name, component in self.form.items()}
-            form["reward_model"] = reward_version_id(self.services.store, form.get("reward_model"))
             kind, parent_id = form.pop("method"), form.pop("parent")
             parent_id = self.services.engine.active_version if parent_id in (None, "") else int(parent_id)
             run_id = submit(self.services.runner, METHODS[kind], parse_settings(form), parent_id)
