@@ -26,6 +26,11 @@ def seed_preferences(store, n: int = 40, annotator: str = "tester") -> list[int]
     return ids
 
 
+# Settings of a training run on the tiny model that take a few seconds: two steps, and a one-prompt, 8-token
+# before/after panel (the default 4 prompts x 128 tokens adds ~5 s to every run; the panel's tests set their own).
+QUICK_RUN = {
+    "max_steps": 2, "batch_size": 2, "max_length": 64, "before_after_prompts": 1, "before_after_max_new_tokens": 8,
+}  # fmt: skip
 MARKDOWN_BAIT = "[click](https://example.com/go) ![p](https://example.com/p.png) <b>bold</b> **loud**"
 
 

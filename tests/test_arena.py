@@ -17,14 +17,13 @@ from storage.importers import import_file
 from storage.promotions import promotions, version_status
 from tests import rawhttp
 from tests.apphelpers import running_app, wait_for
-from tests.datahelpers import seed_preferences
+from tests.datahelpers import QUICK_RUN, seed_preferences
 from tests.test_browser_label import browser  # noqa: F401 (the module-scoped browser fixture)
 from tests.test_engine import make_adapter
 from tests.test_security import users_file
 from training.runner import JobRunner
 
 QUICK = SamplingParams(max_new_tokens=6)
-RUN = {"max_steps": 2, "batch_size": 2, "max_length": 64}  # a few seconds on the tiny model
 
 
 @pytest.fixture
@@ -191,7 +190,7 @@ def test_a_finished_run_is_a_candidate_judged_before_it_serves(store, engine, ti
     first = add_candidate(store, tiny_model_dir, tmp_path, seed=1)
     services.activate(first, actor="root")
     seed_preferences(store, 8)
-    status = runner.wait(runner.submit("dpo", RUN, parent_version=first), timeout=600)
+    status = runner.wait(runner.submit("dpo", QUICK_RUN, parent_version=first), timeout=600)
     assert status.status == "succeeded", status.error
     candidate = status.result_version
     assert version_status(store, candidate) == "candidate"

@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 
 from storage.db import Store
-from tests.datahelpers import seed_preferences
+from tests.datahelpers import QUICK_RUN, seed_preferences
 from training import runner as runner_module
 from training.children import Child, Children, process_identity
 from training.runner import JobRunner, RunRejected, read_progress
 
 REPO = Path(__file__).resolve().parent.parent
-QUICK = {"max_steps": 2, "batch_size": 2, "max_length": 64}
-LONG = {**QUICK, "max_steps": 2000}  # runs until cancelled
+LONG = {**QUICK_RUN, "max_steps": 2000}  # runs until cancelled
 
 # An app as far as training goes: the store, the runner, and app.py's shutdown steps (labeling/lifecycle.py).
 RUNNER_APP = """
@@ -137,7 +136,7 @@ def test_a_child_outlives_a_killed_app_and_the_next_app_adopts_it(tmp_path, tiny
             ended = runner.wait(run_id, timeout=90)
             assert ended.status == "cancelled" and not child.running()
             wait_for(lambda: group_members(child.pid) == [], 5, "the adopted child to exit")
-            next_id = runner.submit("dpo", QUICK)  # nothing blocks the queue
+            next_id = runner.submit("dpo", QUICK_RUN)  # nothing blocks the queue
             assert runner.wait(next_id, timeout=300).status == "succeeded"
         finally:
             runner.stop(cancel_running=True)
@@ -224,7 +223,7 @@ def test_a_run_without_its_folder_or_its_result_fails_and_the_queue_moves_on(tmp
 
         monkeypatch.setattr(runner_module.yaml, "safe_dump", disk_full)  # run.yaml, after the data snapshot
         with pytest.raises(RunRejected, match="No space left on device"):
-            runner.submit("dpo", QUICK)
+            runner.submit("dpo", QUICK_RUN)
         runner.tick()  # the runner thread's next look at the queue
         assert [runner.status(i).status for i in (1, 2)] == ["failed", "failed"]
         assert "never completed" in runner.status(1).error and "No space left" in runner.status(2).error
@@ -234,8 +233,8 @@ def test_a_run_without_its_folder_or_its_result_fails_and_the_queue_moves_on(tmp
             raise OSError(5, "Input/output error")
 
         monkeypatch.setattr(runner_module, "register_version", cannot_record)
-        first = runner.submit("dpo", QUICK)
-        second = runner.submit("dpo", QUICK)  # waits behind the first
+        first = runner.submit("dpo", QUICK_RUN)
+        second = runner.submit("dpo", QUICK_RUN)  # waits behind the first
         ended = runner.wait(first, timeout=300)
         assert ended.status == "failed" and "recording it failed" in ended.error and "Input/output" in ended.error
         monkeypatch.undo()

@@ -14,7 +14,7 @@ from generation.sampling import SamplingParams
 from labeling.pair_queue import PairQueue
 from storage.db import Store
 from tests.apprun import app_process
-from tests.datahelpers import seed_preferences
+from tests.datahelpers import QUICK_RUN, seed_preferences
 from training.runner import JobRunner
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,6 @@ pytestmark = pytest.mark.slow
 CLIENTS = 16
 VOTES_EACH = 3
 PAIRS = CLIENTS * VOTES_EACH + 8  # a few spare: the last clients must still find pairs
-QUICK = {"max_steps": 2, "batch_size": 2, "max_length": 64}
 
 
 def prepare(url: str, model_dir) -> None:
@@ -103,7 +102,7 @@ def one_run_at_a_time(store, tmp_path, model_dir) -> None:
     seed_preferences(store, 12)
     runner = JobRunner(store, runs_dir=tmp_path / "runs", base_model=str(model_dir), model_cache=tmp_path / "cache")
     assert not store.hold_lock("runner")  # an app process took it at its start
-    first, second = runner.submit("dpo", QUICK), runner.submit("dpo", QUICK)
+    first, second = runner.submit("dpo", QUICK_RUN), runner.submit("dpo", QUICK_RUN)
     most_running, deadline = 0, time.monotonic() + 600
     while True:
         with store.read() as cur:

@@ -13,10 +13,8 @@ import yaml
 from safetensors.torch import load_file
 
 from storage.db import Store
-from tests.datahelpers import seed_preferences
+from tests.datahelpers import QUICK_RUN, seed_preferences
 from training.runner import JobRunner, RunRejected, read_progress
-
-QUICK = {"max_steps": 2, "batch_size": 2, "max_length": 64}  # a few seconds on the tiny model
 
 
 @pytest.fixture()
@@ -39,34 +37,34 @@ def test_validation_refuses_and_launches_nothing(store, tmp_path, tiny_model_dir
     runner = runner_for(store, tmp_path, tiny_model_dir)
     seed_preferences(store, 2)
     with pytest.raises(RunRejected, match="only 2 usable preference pairs"):
-        runner.submit("dpo", QUICK)
+        runner.submit("dpo", QUICK_RUN)
     seed_preferences(store, 10)
     with pytest.raises(RunRejected, match="learning rate must be a number above 0"):
-        runner.submit("dpo", {**QUICK, "learning_rate": -1})
+        runner.submit("dpo", {**QUICK_RUN, "learning_rate": -1})
     with pytest.raises(RunRejected, match="far too high"):
-        runner.submit("dpo", {**QUICK, "learning_rate": 5.0})
+        runner.submit("dpo", {**QUICK_RUN, "learning_rate": 5.0})
     with pytest.raises(RunRejected, match="no reward model"):
-        runner.submit("ppo", QUICK)
+        runner.submit("ppo", QUICK_RUN)
     with pytest.raises(RunRejected, match="version 7 does not exist"):
-        runner.submit("dpo", QUICK, parent_version=7)
+        runner.submit("dpo", QUICK_RUN, parent_version=7)
     # What only the child's dataclass knew: refused here now, before a snapshot, a queue entry or a first stage.
     with pytest.raises(RunRejected, match="learning rate must be a number above 0 \\(got nan\\)"):
-        runner.submit("dpo", {**QUICK, "learning_rate": float("nan")})
+        runner.submit("dpo", {**QUICK_RUN, "learning_rate": float("nan")})
     with pytest.raises(RunRejected, match="dpo: max_length: must be ≥ 16 tokens"):
-        runner.submit("dpo", {**QUICK, "max_length": 8})
+        runner.submit("dpo", {**QUICK_RUN, "max_length": 8})
     with pytest.raises(RunRejected, match="kto: batch_size: KTO's KL estimate needs at least 2 rows"):
-        runner.submit("kto", {**QUICK, "batch_size": 1})
+        runner.submit("kto", {**QUICK_RUN, "batch_size": 1})
     with pytest.raises(RunRejected, match="unknown key 'learnig_rate'"):
-        runner.submit("dpo", {**QUICK, "learnig_rate": 1e-4})
+        runner.submit("dpo", {**QUICK_RUN, "learnig_rate": 1e-4})
     with pytest.raises(RunRejected, match="ppo: total_episodes: must be ≥ 1"):  # before the reward model trains
-        runner.submit_chain(QUICK, {"total_episodes": 0})
+        runner.submit_chain(QUICK_RUN, {"total_episodes": 0})
     assert run_rows(store) == [] and not list((tmp_path / "runs").glob("run-*"))
 
 
 def test_failing_child_is_marked_failed_with_its_log(store, tmp_path, tiny_model_dir):
     runner = runner_for(store, tmp_path, tiny_model_dir)
     seed_preferences(store, 8)
-    run_id = runner.submit("dpo", {**QUICK, "lora_target_modules": "no_such_module"})
+    run_id = runner.submit("dpo", {**QUICK_RUN, "lora_target_modules": "no_such_module"})
     status = runner.wait(run_id, timeout=300)
     assert status.status == "failed"
     assert "no_such_module" in status.error  # the log tail names the cause
@@ -76,7 +74,7 @@ def test_failing_child_is_marked_failed_with_its_log(store, tmp_path, tiny_model
 def test_cancel_stops_a_running_child(store, tmp_path, tiny_model_dir):
     runner = runner_for(store, tmp_path, tiny_model_dir)
     seed_preferences(store, 16)
-    run_id = runner.submit("dpo", {**QUICK, "max_steps": 2000})
+    run_id = runner.submit("dpo", {**QUICK_RUN, "max_steps": 2000})
     deadline = time.monotonic() + 180
     while not any(e.get("event") == "progress" for e in read_progress(runner.status(run_id).run_dir)):
         assert time.monotonic() < deadline, "no progress line within 180 s"
@@ -115,7 +113,10 @@ def test_dpo_on_the_bundled_model_end_to_end(store, tmp_path, bundled_model_dir)
 
     trained_on = seed_preferences(store, 40)
     runner = JobRunner(store, runs_dir=tmp_path / "runs", base_model="bundled", model_cache=bundled_model_dir.parent)
-    run_id = runner.submit("dpo", {"max_steps": 3, "batch_size": 4, "max_length": 96, "learning_rate": 1e-3})
+    settings = {"max_steps": 3, "batch_size": 4, "max_length": 96, "learning_rate": 1e-3}
+    # A one-prompt before/after panel (the default's 4 prompts x 128 tokens took ~55 s here; the panel's own tests
+    # are in test_training_dpo.py); the run must still write it.
+    run_id = runner.submit("dpo", {**settings, "before_after_prompts": 1, "before_after_max_new_tokens": 16})
     status = runner.wait(run_id, timeout=600)
     assert status.status == "succeeded", status.error
     assert [e["event"] for e in status.progress][0] == "start" and status.progress[-1]["event"] == "end"
@@ -156,6 +157,7 @@ def test_dpo_on_the_bundled_model_end_to_end(store, tmp_path, bundled_model_dir)
     assert before == again  # same seed, same version → same text
     assert after != before  # the new version answers differently
     assert os.path.isdir(status.run_dir)
+    assert len(json.loads((Path(status.run_dir) / "before_after.json").read_text())["samples"]) == 1
 
 
 def test_a_run_cancelled_as_it_starts_is_cancelled_not_failed(store, tmp_path, tiny_model_dir):
@@ -163,7 +165,7 @@ def test_a_run_cancelled_as_it_starts_is_cancelled_not_failed(store, tmp_path, t
     line: the run read "failed: exited with code -15"."""
     runner = runner_for(store, tmp_path, tiny_model_dir)
     seed_preferences(store, 8)
-    run_id = runner.submit("dpo", QUICK)  # the child starts within submit
+    run_id = runner.submit("dpo", QUICK_RUN)  # the child starts within submit
     assert runner.cancel(run_id) == "stopping at the next step"
     ended = runner.wait(run_id, timeout=120)
     assert ended.status == "cancelled" and not store.list_versions()[1:]
@@ -198,7 +200,7 @@ def test_a_run_cancelled_while_the_queue_starts_it_never_starts(store, tmp_path,
     runner = runner_for(store, tmp_path, tiny_model_dir)
     runner.stop()  # a stopping runner's tick() starts nothing: the run stays queued
     seed_preferences(store, 8)
-    run_id = runner.submit("dpo", QUICK)
+    run_id = runner.submit("dpo", QUICK_RUN)
     row = runner._rows("id = ?", [run_id])[0]  # what the queue read before starting it
     assert row["status"] == "queued"
     with store.transaction() as cur:  # the other process's Cancel lands first
@@ -232,12 +234,12 @@ def test_runs_from_another_folder_on_top_of_no_foreign_version_in_a_fresh_folder
     seed_preferences(store, 8)
     foreign = store.add_version(base_model="another-model", adapter_path=str(tmp_path / "foreign"), parent_id=0)
     with pytest.raises(RunRejected, match="trained on another-model"):
-        runner.submit("dpo", QUICK, parent_version=foreign)
+        runner.submit("dpo", QUICK_RUN, parent_version=foreign)
     stale = tmp_path / "runs" / "run-0001-dpo"
     stale.mkdir(parents=True)
     (stale / "progress.jsonl").write_text('{"event": "end", "status": "succeeded", "metrics": {"old": true}}\n')
     monkeypatch.chdir(tmp_path)  # not the checkout
-    run_id = runner.submit("dpo", QUICK)
+    run_id = runner.submit("dpo", QUICK_RUN)
     status = runner.wait(run_id, timeout=300)
     assert status.status == "succeeded", status.error
     assert status.run_dir != str(stale) and "old" not in status.metrics
@@ -285,7 +287,7 @@ def test_a_kto_run_whose_prompts_fill_max_length_fails_clearly(tmp_path, tiny_mo
         store.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator="t",
                              choice="A" if i % 3 else "both_bad", source="test")  # fmt: skip
     runner = runner_for(store, tmp_path, tiny_model_dir)
-    status = runner.wait(runner.submit("kto", {**QUICK, "before_after_prompts": 0}), timeout=300)
+    status = runner.wait(runner.submit("kto", {**QUICK_RUN, "before_after_prompts": 0}), timeout=300)
     assert (status.status, status.result_version) == ("failed", None)
     assert "all 12 training rows have a prompt of max_length (64) tokens or more" in status.error
     assert store.list_versions()[1:] == []
@@ -299,7 +301,7 @@ def test_a_run_continuing_the_serving_version_records_its_lora_shape(tmp_path, t
     store = Store(tmp_path / "continue.duckdb")
     seed_preferences(store, 6)
     runner = runner_for(store, tmp_path, tiny_model_dir)
-    settings = {**QUICK, "before_after_prompts": 0}
+    settings = {**QUICK_RUN, "before_after_prompts": 0}
     first = runner.wait(runner.submit("dpo", {**settings, "lora_r": 4, "lora_alpha": 8}), timeout=300)
     assert first.status == "succeeded", first.error
     second = runner.submit("dpo", {**settings, "lora_r": 16, "lora_alpha": 32}, parent_version=first.result_version)

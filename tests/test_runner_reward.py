@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from storage.db import Store
 from storage.scores import comparison_scores
-from tests.datahelpers import seed_preferences
+from tests.datahelpers import QUICK_RUN, seed_preferences
 from training.runner import JobRunner
-
-QUICK = {"max_steps": 2, "batch_size": 2, "max_length": 64}
 
 
 def test_reward_run_registers_a_reward_model_and_scores_stored_generations(tmp_path, tiny_model_dir):
@@ -16,7 +14,7 @@ def test_reward_run_registers_a_reward_model_and_scores_stored_generations(tmp_p
         comparisons = seed_preferences(store, 8)
         runner = JobRunner(store, runs_dir=tmp_path / "runs", base_model=str(tiny_model_dir),
                            model_cache=tmp_path / "cache")  # fmt: skip
-        run_id = runner.submit("reward", QUICK)
+        run_id = runner.submit("reward", QUICK_RUN)
         status = runner.wait(run_id, timeout=300)
         assert status.status == "succeeded", status.error
         version = store.get_version(status.result_version)
