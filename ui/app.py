@@ -32,18 +32,21 @@ def build_app(
         gr.Markdown(f"# {title} — judge answers, train the model, repeat")
         if access.oauth:  # a Space without a users file: people sign in with their Hugging Face account
             gr.LoginButton(elem_id="hf-login")
-        with gr.Tab("Label", elem_id="tab-label"):
+        with gr.Tab("Label", elem_id="tab-label") as label_tab:
             label_note = gr.Markdown("", visible=False)
             with gr.Column(visible=False) as label_body:  # shown on load to those who may label
-                build_label_tab(services, access, demo)
-        with gr.Tab("Data", elem_id="tab-data"):
-            build_data_tab(services, access, demo, upload_max_rows or DEFAULT_UPLOAD_MAX_ROWS)
-        with gr.Tab("Leaderboard", elem_id="tab-leaderboard"):
-            build_leaderboard_tab(services, access, demo)
-        with gr.Tab("Train", elem_id="tab-train"):
+                label_timers = build_label_tab(services, access, demo, label_tab)
+        with gr.Tab("Data", elem_id="tab-data") as data_tab:
+            data_timers = build_data_tab(services, access, demo, data_tab, upload_max_rows or DEFAULT_UPLOAD_MAX_ROWS)
+        with gr.Tab("Leaderboard", elem_id="tab-leaderboard") as board_tab:
+            board_timers = build_leaderboard_tab(services, access, demo, board_tab)
+        with gr.Tab("Train", elem_id="tab-train") as train_tab:
             train_note = gr.Markdown("", visible=False)
             with gr.Column(visible=False) as train_body:  # shown on load to admins
-                build_train_tab(services, access, demo)
+                train_timers = build_train_tab(services, access, demo, train_tab)
+        _poll_only_the_shown_tab(
+            [(label_tab, label_timers), (data_tab, data_timers), (board_tab, board_timers), (train_tab, train_timers)]
+        )
         register_api(services, access)
         outputs = [label_body, label_note, train_body, train_note]
         demo.load(_visibility(access), None, outputs, api_visibility="private")
@@ -64,3 +67,13 @@ def _visibility(access: Access):
         )
 
     return visible
+
+
+def _poll_only_the_shown_tab(tabs: list[tuple[gr.Tab, list[gr.Timer]]]) -> None:
+    """A tab's timers tick only while that tab is shown (the Label tab's at first): every tick of every open page is
+    a server call, and a page left on the Label tab polled the Train tab's run every second. Each tab also refreshes
+    once as it is selected (the build functions wire that)."""
+    timers = [timer for _, own in tabs for timer in own]
+    for tab, own in tabs:
+        flags = [any(timer is mine for mine in own) for timer in timers]
+        tab.select(lambda flags=flags: [gr.Timer(active=f) for f in flags], None, timers, api_visibility="private")

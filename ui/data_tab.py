@@ -30,7 +30,10 @@ IMPORT_FORMATS = ["auto", "txt", "csv", "prompts", "trl", "hh", "ultrafeedback",
 RECENT_COLUMNS = ["id", "created_at", "annotator", "choice", "prompt", "answer_a", "answer_b", "rationale", "edited"]
 
 
-def build_data_tab(services: Services, access: Access, demo: gr.Blocks, upload_max_rows: int) -> None:
+def build_data_tab(
+    services: Services, access: Access, demo: gr.Blocks, tab: gr.Tab, upload_max_rows: int
+) -> list[gr.Timer]:
+    """The Data tab's controls and handlers; returns its timers (ticking only while `tab` is shown)."""
     handlers = DataHandlers(services, access, upload_max_rows)
     refresh = gr.Button("Refresh", size="sm")
     with gr.Row():
@@ -64,7 +67,10 @@ def build_data_tab(services: Services, access: Access, demo: gr.Blocks, upload_m
     export_btn.click(handlers.do_export, [export_format, export_ext], [download, export_msg], **private)
     demo.load(handlers.stats, None, stats_out, **private)
     demo.load(handlers.admin_visible, None, [admin_row], **private)
-    gr.Timer(10.0).tick(handlers.stats, None, stats_out, **private)  # stats stay fresh while open
+    timer = gr.Timer(10.0, active=False)  # stats stay fresh while the tab is shown
+    timer.tick(handlers.stats, None, stats_out, **private)
+    tab.select(handlers.stats, None, stats_out, **private)
+    return [timer]
 
 
 class DataHandlers:

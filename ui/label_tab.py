@@ -53,7 +53,8 @@ class LabelView:
         ]
 
 
-def build_label_tab(services: Services, access: Access, demo: gr.Blocks) -> None:
+def build_label_tab(services: Services, access: Access, demo: gr.Blocks, tab: gr.Tab) -> list[gr.Timer]:
+    """The Label tab's controls and handlers; returns its timers (ticking only while `tab` is shown)."""
     handlers = LabelHandlers(services, access)
     who = gr.State("")  # the annotator name of this page (checked against the login on every call)
     name_store = gr.BrowserState("", storage_key="prefloop-annotator")
@@ -88,8 +89,11 @@ def build_label_tab(services: Services, access: Access, demo: gr.Blocks) -> None
     undo_btn.click(handlers.undo, [who, view.pair], shown, **private)
     from_a.click(handlers.start_from("answer_a"), [who, view.pair], [view.edited], **private)
     from_b.click(handlers.start_from("answer_b"), [who, view.pair], [view.edited], **private)
-    gr.Timer(2.0).tick(handlers.poll, [who, view.pair], shown, **private)  # fills an empty page when pairs arrive
+    poll = gr.Timer(2.0)  # fills an empty page when pairs arrive (the Label tab is the one shown first)
+    poll.tick(handlers.poll, [who, view.pair], shown, **private)
+    tab.select(handlers.poll, [who, view.pair], shown, **private)
     own_btn.click(handlers.own, [who, own_prompt], shown, concurrency_limit=4, **private)
+    return [poll]
 
 
 def _name_box(visible: bool):

@@ -26,7 +26,8 @@ PARTS = {"CI above the rating": "#3b6fc4", "CI below the rating": "#9ab8e6", "ze
 HEAT = ((0.35, "#f4a6a6"), (0.45, "#f8d3d3"), (0.55, "#eeeeee"), (0.65, "#cfe8cf"), (1.01, "#9fd49f"))  # ≤ bound
 
 
-def build_leaderboard_tab(services: Services, access: Access, demo: gr.Blocks) -> None:
+def build_leaderboard_tab(services: Services, access: Access, demo: gr.Blocks, tab: gr.Tab) -> list[gr.Timer]:
+    """The Leaderboard tab's controls and handlers; returns its timers (ticking only while `tab` is shown)."""
     handlers = LeaderboardHandlers(services, access)
     refresh = gr.Button("Refresh", size="sm", elem_id="leaderboard-refresh")
     summary = gr.Markdown("", elem_id="leaderboard-summary")
@@ -66,7 +67,10 @@ def build_leaderboard_tab(services: Services, access: Access, demo: gr.Blocks) -
     promote.click(handlers.promote, None, [message, *outputs], **private)
     demo.load(handlers.refresh, None, outputs, **private)
     demo.load(handlers.admin_visible, None, [admin_row], **private)
-    gr.Timer(REFRESH_SECONDS).tick(handlers.refresh_if_changed, [seen], outputs, **private)
+    timer = gr.Timer(REFRESH_SECONDS, active=False)
+    timer.tick(handlers.refresh_if_changed, [seen], outputs, **private)
+    tab.select(handlers.refresh_if_changed, [seen], outputs, **private)
+    return [timer]
 
 
 class LeaderboardHandlers:

@@ -50,7 +50,8 @@ class Overview:
         ]
 
 
-def build_train_tab(services: Services, access: Access, demo: gr.Blocks) -> None:
+def build_train_tab(services: Services, access: Access, demo: gr.Blocks, tab: gr.Tab) -> list[gr.Timer]:
+    """The Train tab's controls and handlers; returns its timers (ticking only while `tab` is shown)."""
     handlers = TrainHandlers(services, access)
     usable = gr.Markdown("")
     with gr.Row():
@@ -75,13 +76,17 @@ def build_train_tab(services: Services, access: Access, demo: gr.Blocks) -> None
     private, over_out = {"api_visibility": "private"}, over.outputs()
     start.click(handlers.launch, set(handlers.form.values()), [message, *over_out], **private)
     shown = gr.State(None)  # what the run view shows: the timer sends nothing while the run is unchanged
-    gr.Timer(1.0).tick(handlers.watch, [run_pick, shown], [*watch_out, shown], **private)  # the picked run, live
-    gr.Timer(5.0).tick(handlers.overview, [run_pick, over.newest_seen, reward_model], over_out, **private)
+    watch, overview = gr.Timer(1.0, active=False), gr.Timer(5.0, active=False)  # the picked run live; the rest
+    for event in (watch.tick, tab.select):
+        event(handlers.watch, [run_pick, shown], [*watch_out, shown], **private)
+    for event in (overview.tick, tab.select):
+        event(handlers.overview, [run_pick, over.newest_seen, reward_model], over_out, **private)
     run_pick.change(handlers.watch, [run_pick], [*watch_out, shown], **private)
     watch_out[6].click(handlers.cancel, [run_pick], [message], **private)
     watch_out[7].click(handlers.activate_run, [run_pick], [message, *over_out], **private)
     version_btn.click(handlers.serve_version, [version_pick, run_pick], [message, *over_out], **private)
     demo.load(handlers.overview, None, over_out, **private)
+    return [watch, overview]
 
 
 def _settings_form() -> tuple[dict[str, gr.Textbox], gr.Dropdown]:
