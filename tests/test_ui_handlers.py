@@ -68,11 +68,22 @@ def test_the_train_tabs_timer_keeps_the_reward_model_the_admin_picked(store, ser
     """The overview refreshes every 5 s; it used to set the PPO reward model back to the newest each time."""
     older, newer = (str(tmp_path / f"reward-{i}") for i in (1, 2))
     for path in (older, newer):
-        store.add_version(kind="reward", base_model="tiny", adapter_path=path)
+        store.add_version(kind="reward", base_model=store.get_version(0)["base_model"], adapter_path=path)
     train = TrainHandlers(services, Access())
     assert train.overview(None, None, None, as_user(None))[2]["value"] == newer  # nothing picked yet: the newest
     assert train.overview(None, None, older, as_user(None))[2]["value"] == older  # picked: kept
     assert train.overview(None, None, "/gone", as_user(None))[2]["value"] == newer  # a pick no longer offered
+
+
+def test_the_ppo_dropdown_offers_only_reward_models_of_this_base(store, services, tmp_path):
+    """A reward model trained on another base model cannot score this model's answers (PPO refuses it at submit):
+    the Train tab no longer offers it, and never picks it as the newest."""
+    base = store.get_version(0)["base_model"]
+    mine = store.add_version(kind="reward", base_model=base, adapter_path=str(tmp_path / "reward-mine"))
+    store.add_version(kind="reward", base_model="some/other-model", adapter_path=str(tmp_path / "reward-other"))
+    reward = TrainHandlers(services, Access()).overview(None, None, None, as_user(None))[2]
+    assert [path for _, path in reward["choices"]] == [str(tmp_path / "reward-mine")] and mine
+    assert reward["value"] == str(tmp_path / "reward-mine")
 
 
 def test_every_leaderboard_page_gets_a_change_not_only_the_first_to_ask(store, services, tmp_path):

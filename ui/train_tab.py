@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from labeling.access import Access, AccessDenied
-from labeling.services import Services, UserError
+from labeling.services import Services, UserError, other_base
 from training.datamix import DEFAULT_METHOD
 from training.runner import RunRejected
 from ui.train_settings import FIELDS, METHODS, parse_settings, submit
@@ -135,7 +135,11 @@ class TrainHandlers:
         active = services.engine.active_version
         policies, rewards = services.store.list_versions("policy"), services.store.list_versions("reward")
         choices = [(f"v{v['id']}" + (" (serving)" if v["id"] == active else ""), v["id"]) for v in policies]
-        reward_choices = [(f"reward model {v['id']} (acc {_acc(v)})", v["adapter_path"]) for v in rewards]
+        reward_choices = [  # a reward model of another base model cannot score this one's answers: not offered
+            (f"reward model {v['id']} (acc {_acc(v)})", v["adapter_path"])
+            for v in rewards
+            if other_base(services.store, v) is None
+        ]
         run_choices = [(f"#{r['id']} {r['method']} — {r['status']}", r["id"]) for r in services.runner.runs()]
         newest = run_choices[0][1] if run_choices else None
         follow = picked is None or (newest_seen is not None and newest != newest_seen)
