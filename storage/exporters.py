@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.db import COMPARISON_COLUMNS
+from storage.ratings import MODEL_SQL
 
 FORMATS = ("dpo", "reward", "kto", "sft", "raw")
 EXTENSIONS = (".jsonl", ".parquet")
@@ -105,8 +106,7 @@ def _raw_rows(store) -> list[dict]:
     with store.read() as cur:
         cur.execute(
             f"SELECT {columns}, p.messages AS prompt, ga.text AS answer_a, gb.text AS answer_b, "
-            "coalesce(ga.model_name, 'v' || ga.model_version_id::VARCHAR) AS model_a, "
-            "coalesce(gb.model_name, 'v' || gb.model_version_id::VARCHAR) AS model_b, "
+            f"{MODEL_SQL.format(g='ga')} AS model_a, {MODEL_SQL.format(g='gb')} AS model_b, "  # as the leaderboard
             "coalesce(ga.params->>'finish_reason' = 'length', false) AS truncated_a, "  # cut at the token limit
             "coalesce(gb.params->>'finish_reason' = 'length', false) AS truncated_b "
             "FROM comparisons c LEFT JOIN prompts p ON p.id = c.prompt_id "

@@ -112,6 +112,19 @@ def test_raw_has_every_comparison_with_texts(store):
     assert {"edited_answer", "supersedes", "dedupe_key", "created_at", "time_spent_s", "rationale"} <= set(rows[0])
 
 
+def test_raw_names_an_imported_model_called_v1_apart_from_version_1(store):
+    """An imported judgement between models named "v1" and "gpt-x": the raw export called the first "v1", the
+    name of this app's version 1; it says "v1 (external)", as the leaderboard and the Data tab do."""
+    prompt = store.add_prompt([{"role": "user", "content": "Hi"}], "import")
+    a = store.add_generation(prompt, "Hello", model_name="v1")
+    b = store.add_generation(prompt, "Hey", model_name="gpt-x")
+    local = store.add_generation(prompt, "Hi there", model_version_id=0)
+    store.add_comparison(prompt_id=prompt, generation_a=a, generation_b=b, annotator="t", choice="A", source="t")
+    store.add_comparison(prompt_id=prompt, generation_a=local, generation_b=b, annotator="t", choice="B", source="t")
+    rows = export_rows(store, "raw")
+    assert [(row["model_a"], row["model_b"]) for row in rows] == [("v1 (external)", "gpt-x"), ("v0", "gpt-x")]
+
+
 @pytest.mark.parametrize("ext", [".jsonl", ".parquet"])
 @pytest.mark.parametrize("fmt", ["dpo", "reward", "kto", "sft", "raw"])
 def test_every_export_loads_with_datasets(store, tmp_path, fmt, ext):
