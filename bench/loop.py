@@ -31,12 +31,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-for key, value in {
-    "OMP_WAIT_POLICY": "PASSIVE",
-    "HF_HUB_OFFLINE": "1",
-    "TRL_EXPERIMENTAL_SILENCE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
+ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+for key, value in {**ENVIRONMENT, "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(key, value)
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
