@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from generation.defaults import repetition_penalty_default, repetition_penalty_problem
+from generation.defaults import REPETITION_PENALTY, repetition_penalty_problem
+from labeling.deploy import env_number
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,8 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     generate.add_argument("--db", default=db, help="the DuckDB file or a postgresql:// URL")
     generate.add_argument("--model", default=env("PREFLOOP_MODEL", "bundled"), help="bundled, a HF id or a folder")
     generate.add_argument("--model-cache", default=env("PREFLOOP_MODEL_CACHE", "data/models"))
-    generate.add_argument("--max-new-tokens", type=int, default=int(env("PREFLOOP_MAX_NEW_TOKENS", "512")))
-    penalty = repetition_penalty_default()
+    max_new = env_number(parser, "PREFLOOP_MAX_NEW_TOKENS", 512)  # one usage error when it is no number
+    generate.add_argument("--max-new-tokens", type=int, default=max_new)
+    penalty = env_number(parser, "PREFLOOP_REPETITION_PENALTY", REPETITION_PENALTY, float)
     generate.add_argument("--repetition-penalty", type=float, default=penalty, help="in [1, 2], 1 = off")
     generate.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
     generate.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores)")

@@ -23,7 +23,7 @@ MAX_LEASE_MINUTES = 7 * 24 * 60  # a week; far beyond it the expiry leaves the d
 
 # Every numeric app flag but --queue-size and --backup-every (checked below): variable, allowed?, what it must be
 LIMITS = {
-    "--port": ("PREFLOOP_PORT", lambda v: 1 <= v <= 65535, "a port in [1, 65535]"),
+    "--port": ("PREFLOOP_PORT, else GRADIO_SERVER_PORT", lambda v: 1 <= v <= 65535, "a port in [1, 65535]"),
     "--max-new-tokens": ("PREFLOOP_MAX_NEW_TOKENS", lambda v: v >= 1, "≥ 1 tokens"),
     "--engine-threads": ("PREFLOOP_ENGINE_THREADS", lambda v: v is None or v >= 0, "≥ 1 threads (0 = half the cores)"),
     "--max-file-size-mb": ("PREFLOOP_MAX_FILE_SIZE_MB", lambda v: v >= 1, "≥ 1 MB"),

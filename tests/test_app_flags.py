@@ -29,7 +29,8 @@ BAD_STARTS = [  # (flags, variables, what the error line must name)
     (["--max-new-tokens", "0"], {}, "--max-new-tokens (or PREFLOOP_MAX_NEW_TOKENS) must be ≥ 1"),
     (["--engine-threads", "-2"], {}, "--engine-threads (or PREFLOOP_ENGINE_THREADS) must be ≥ 1 threads"),
     ([], {"PREFLOOP_ENGINE_THREADS": "-2"}, "--engine-threads (or PREFLOOP_ENGINE_THREADS) must be ≥ 1 threads"),
-    (["--port", "0"], {}, "--port (or PREFLOOP_PORT) must be a port in [1, 65535]"),
+    (["--port", "0"], {}, "--port (or PREFLOOP_PORT, else GRADIO_SERVER_PORT) must be a port in [1, 65535]"),
+    ([], {"GRADIO_SERVER_PORT": "0"}, "--port (or PREFLOOP_PORT, else GRADIO_SERVER_PORT) must be a port in"),
     (["--compare-timeout", "inf"], {}, "--compare-timeout (or PREFLOOP_COMPARE_TIMEOUT) must be a finite number"),
     (["--guidelines", "missing.md"], {}, "--guidelines (or PREFLOOP_GUIDELINES): no such file: missing.md"),
     ([], {"PREFLOOP_GUIDELINES": "missing.md"}, "--guidelines (or PREFLOOP_GUIDELINES): no such file: missing.md"),
@@ -74,6 +75,20 @@ def test_a_bad_flag_or_variable_is_refused_before_anything_loads(tmp_path, flags
     assert lines[-1].startswith(ERROR) and named in lines[-1], done.stderr[-3000:]
     assert sum(line.startswith(ERROR) for line in lines) == 1  # the one line, after argparse's usage
     assert list(work.iterdir()) == []  # no database, no runs folder, no model cache
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [("PREFLOOP_MAX_NEW_TOKENS", "abc", "an integer"), ("PREFLOOP_REPETITION_PENALTY", "x", "a number")],
+)
+def test_the_labeling_cli_names_a_bad_variable_in_one_line(tmp_path, variable, value, named):
+    """`python -m labeling generate` crashed with a traceback on these (app.py gave one line)."""
+    cmd = [sys.executable, "-m", "labeling", "generate", "--pairs", "1", "--db", str(tmp_path / "store.duckdb")]
+    env = clean_env(**{variable: value})
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].endswith(f"error: {variable} must be {named}, not {value!r}")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_yes_no_variables_take_the_usual_spellings(monkeypatch):

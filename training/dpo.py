@@ -68,7 +68,7 @@ class PrefDPOConfig(CommonConfig):
     beta: float = field(default=0.1, metadata={"help": "DPO beta: higher keeps the policy closer to the reference"})
     loss_type: str = field(default="sigmoid", metadata={"help": f"DPO loss: {', '.join(LOSS_TYPES)}"})
     label_smoothing: float = field(
-        default=0.0, metadata={"help": "label noise for the 'robust' loss, in [0, 0.5); other losses ignore it (0)"}
+        default=0.0, metadata={"help": "label noise for the 'robust' loss, in [0, 0.5); refused with any other loss"}
     )
     sft_weight: float = field(
         default=0.0, metadata={"help": "weight of an SFT term (NLL of the chosen answers) added to the loss; 0 = off"}
