@@ -68,7 +68,7 @@ def test_the_train_tabs_timer_keeps_the_reward_model_the_admin_picked(store, ser
     """The overview refreshes every 5 s; it used to set the PPO reward model back to the newest each time."""
     older, newer = (str(tmp_path / f"reward-{i}") for i in (1, 2))
     for path in (older, newer):
-        store.add_version(kind="reward", base_model=store.get_version(0)["base_model"], adapter_path=path)
+        store.add_version(kind="reward", base_model=services.runner.base_model, adapter_path=path)
     train = TrainHandlers(services, Access())
     assert train.overview(None, None, None, as_user(None))[2]["value"] == newer  # nothing picked yet: the newest
     assert train.overview(None, None, older, as_user(None))[2]["value"] == older  # picked: kept
@@ -78,7 +78,7 @@ def test_the_train_tabs_timer_keeps_the_reward_model_the_admin_picked(store, ser
 def test_the_ppo_dropdown_offers_only_reward_models_of_this_base(store, services, tmp_path):
     """A reward model trained on another base model cannot score this model's answers (PPO refuses it at submit):
     the Train tab no longer offers it, and never picks it as the newest."""
-    base = store.get_version(0)["base_model"]
+    base = services.runner.base_model  # the app's base model (--model), as PPO's submit checks it
     mine = store.add_version(kind="reward", base_model=base, adapter_path=str(tmp_path / "reward-mine"))
     store.add_version(kind="reward", base_model="some/other-model", adapter_path=str(tmp_path / "reward-other"))
     reward = TrainHandlers(services, Access()).overview(None, None, None, as_user(None))[2]

@@ -12,7 +12,8 @@ import gradio as gr
 import pandas as pd
 
 from labeling.access import Access, AccessDenied
-from labeling.services import Services, UserError, other_base
+from labeling.services import Services, UserError
+from storage.promotions import same_base
 from training.datamix import DEFAULT_METHOD
 from training.runner import RunRejected
 from ui.train_settings import FIELDS, METHODS, parse_settings, submit
@@ -135,10 +136,10 @@ class TrainHandlers:
         active = services.engine.active_version
         policies, rewards = services.store.list_versions("policy"), services.store.list_versions("reward")
         choices = [(f"v{v['id']}" + (" (serving)" if v["id"] == active else ""), v["id"]) for v in policies]
-        reward_choices = [  # a reward model of another base model cannot score this one's answers: not offered
+        reward_choices = [  # only what PPO's submit accepts (the runner's own rule): another base's cannot score
             (f"reward model {v['id']} (acc {_acc(v)})", v["adapter_path"])
             for v in rewards
-            if other_base(services.store, v) is None
+            if same_base(v.get("base_model"), services.runner.base_model)
         ]
         run_choices = [(f"#{r['id']} {r['method']} — {r['status']}", r["id"]) for r in services.runner.runs()]
         newest = run_choices[0][1] if run_choices else None
