@@ -3,44 +3,69 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
+
+# How long after a batch is answered its leader's successor waits for the rest of the callers it served (measured: 16
+# callers voting flat out come back within 0.6 ms (p50), 1.0 ms (p95) of their answers). Without it, callers that
+# alternate two requests (lease, vote) split into groups that take turns, each request waiting for two batches; one
+# batch of all costs little more than one of half, so the round trip falls by about a third. A lone caller (last batch
+# of one) never waits, nor does a request that comes later than this after the last batch (people reading a pair).
+LINGER_SECONDS = 0.002
 
 
 class Combiner:
     """Callers queue an item; one caller at a time leads: it runs `batch(items)` for everything waiting, the others
     wait for their answers (and the next of them leads the next batch), so concurrent callers share transactions.
+    A new leader first waits until LINGER_SECONDS after the last batch was answered for as many items as that batch
+    had (those callers' next requests), so a steady crowd keeps sharing one batch instead of splitting into groups
+    that take turns.
     `batch` returns one result per item; an exception result is raised to that item's caller only. When the whole
     batch fails (its transaction rolled back: nothing of it was written), each item is run again alone, so one
     caller's bad request fails that caller only, not everyone who happened to share the batch."""
 
-    def __init__(self, batch: Callable[[list], list]):
-        self._batch = batch
-        self._changed = threading.Condition()
+    def __init__(self, batch: Callable[[list], list], linger: float = LINGER_SECONDS):
+        self._batch, self._linger = batch, linger
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a batch was answered, or the lead is free
+        self._arrived = threading.Condition(self._lock)  # an item was queued (the lingering leader counts them)
         self._waiting: list[list] = []  # tickets: [item, result, answered]
         self._busy = False
+        self._last, self._ended = 0, 0.0  # items in the last batch; when it was answered (time.monotonic)
 
     def run(self, item):
         ticket = [item, None, False]
         with self._changed:
             self._waiting.append(ticket)
+            self._arrived.notify()
             while not ticket[2]:
                 if self._busy:
                     self._changed.wait()
                     continue
-                self._busy, tickets, self._waiting = True, self._waiting, []
+                self._busy = True
+                self._gather()
+                tickets, self._waiting = self._waiting, []
+                self._last = len(tickets)
                 results = [RuntimeError("interrupted")] * len(tickets)
                 self._changed.release()
                 try:
                     results = self._run([t[0] for t in tickets])
                 finally:
                     self._changed.acquire()
-                    self._busy = False
+                    self._busy, self._ended = False, time.monotonic()
                     for waiting, result in zip(tickets, results, strict=True):
                         waiting[1:] = [result, True]
                     self._changed.notify_all()
         if isinstance(ticket[1], Exception):
             raise ticket[1]
         return ticket[1]
+
+    def _gather(self) -> None:
+        """Wait (lock held, released while waiting) for as many items as the last batch had, until the linger after
+        it ends."""
+        deadline = self._ended + self._linger
+        while len(self._waiting) < self._last and (left := deadline - time.monotonic()) > 0:
+            self._arrived.wait(left)
 
     def _run(self, items: list) -> list:
         try:

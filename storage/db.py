@@ -41,6 +41,8 @@ CLOSE_TRIES = 500  # × 10 ms: how long close() waits for another thread's query
 OWN_WINDOW = 100_000  # ids: a person's own recent judgements are looked for among the newest this many (cheap at 1M)
 COMPARISON_COLUMNS = ("pair_id", "prompt_id", "generation_a", "generation_b", "annotator", "choice", "rationale",
                       "edited_answer", "time_spent_s", "source", "supersedes", "dedupe_key")  # fmt: skip
+COMPARISON_TYPES = ("BIGINT", "BIGINT", "BIGINT", "BIGINT", "BIGINT", "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR",
+                    "DOUBLE", "VARCHAR", "BIGINT", "VARCHAR")  # id, then COMPARISON_COLUMNS  # fmt: skip
 
 
 class Store:
@@ -360,9 +362,10 @@ class Store:
 
 
 def insert_comparisons(cur, rows: list[list], annotators: list[str] | None = None) -> list[int]:
-    """One multi-row INSERT of comparison rows (values in COMPARISON_COLUMNS order; ≈15× faster than one statement
-    each) inside the caller's transaction. Returns the new ids in row order. `annotators`: the names to make sure
-    exist first (default: every row's annotator; a caller that knows some exist already may pass fewer)."""
+    """One INSERT of comparison rows (values in COMPARISON_COLUMNS order) inside the caller's transaction, each column
+    passed as one list: 16 rows insert in ≈ 1.5 ms, against ≈ 5 ms as a VALUES list of 208 parameters (DuckDB plans
+    every one). Returns the new ids in row order. `annotators`: the names to make sure exist first (default: every
+    row's annotator; a caller that knows some exist already may pass fewer)."""
     if not rows:
         return []
     names = sorted({row[4] for row in rows}) if annotators is None else sorted(set(annotators))
@@ -371,11 +374,12 @@ def insert_comparisons(cur, rows: list[list], annotators: list[str] | None = Non
             f"INSERT INTO annotators (name) VALUES {', '.join(['(?)'] * len(names))} ON CONFLICT DO NOTHING", names
         )
     sql = "SELECT nextval('comparisons_id_seq') FROM generate_series(1, ?)"
-    ids = [r[0] for r in cur.execute(sql, [len(rows)]).fetchall()]
-    placeholders = ", ".join(["(" + ", ".join(["?"] * (len(COMPARISON_COLUMNS) + 1)) + ")"] * len(rows))
-    params = [value for new_id, row in zip(ids, rows, strict=True) for value in (new_id, *row)]
-    cur.execute(f"INSERT INTO comparisons (id, {', '.join(COMPARISON_COLUMNS)}) VALUES {placeholders}", params)
-    return [int(new_id) for new_id in ids]
+    ids = [int(r[0]) for r in cur.execute(sql, [len(rows)]).fetchall()]
+    columns = [ids, *(list(column) for column in zip(*rows, strict=True))]
+    columns[9] = [None if value is None else float(value) for value in columns[9]]  # time_spent_s: one type a list
+    values = ", ".join(f"unnest(?::{kind}[])" for kind in COMPARISON_TYPES)
+    cur.execute(f"INSERT INTO comparisons (id, {', '.join(COMPARISON_COLUMNS)}) SELECT {values}", columns)
+    return ids
 
 
 def _insert_comparison_rows(cur, items: list[Pending]) -> dict[int, int]:

@@ -115,3 +115,43 @@ def test_a_vote_repeated_in_one_batch_or_a_retried_skip_gets_the_first_ones_id(t
     with store.read() as cur:
         assert cur.execute("SELECT count(*) FROM comparisons").fetchone()[0] == 2
     store.close()
+
+
+def crowd_batch_sizes(linger: float, callers: int = 8, calls: int = 12) -> list[int]:
+    """Callers that each run `calls` requests back to back (as people lease, vote, lease ...): the batch sizes."""
+    sizes: list[int] = []
+
+    def batch(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        time.sleep(0.005)  # a transaction's worth of work, during which the others queue up
+        return items
+
+    combiner, start = Combiner(batch, linger=linger), threading.Barrier(callers)
+
+    def call(number: int) -> None:
+        start.wait()
+        for _ in range(calls):
+            assert combiner.run(number) == number
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sum(sizes) == callers * calls  # every request answered, each once
+    return sizes
+
+
+def test_a_crowd_keeps_sharing_one_batch_and_a_lone_caller_never_waits():
+    """Callers that come straight back split into groups taking turns (each request then waits for two batches)
+    unless the new leader lingers for the rest of the last batch (without it: batches of 1 and 7 taking turns); a
+    caller alone must not pay that linger."""
+    split = crowd_batch_sizes(linger=0.0)
+    shared = crowd_batch_sizes(linger=0.05)  # generous for a busy machine: callers come back within a millisecond
+    assert sum(shared[2:]) / len(shared[2:]) >= 7.5  # all 8 in (nearly) every batch after the first two
+    assert sum(split[2:]) / len(split[2:]) < 6  # groups taking turns: what the linger is for
+
+    combiner = Combiner(lambda items: items, linger=1.0)
+    began = time.monotonic()
+    assert [combiner.run(n) for n in range(5)] == list(range(5))
+    assert time.monotonic() - began < 1.0  # a last batch of one: nobody else to wait for
