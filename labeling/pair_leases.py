@@ -40,7 +40,9 @@ class LeaseDesk:
 
     def __init__(self, store, lease: timedelta):
         self.store, self.lease = store, lease
-        self._requests = Combiner(self._run_requests)  # leases and votes, many per transaction
+        # leases and votes, many per transaction; a batch of one kind (at 1M, 16 callers flat out: 16 leases 10 ms,
+        # 16 votes 7 ms, 8 of each 15 ms: each kind has its own few statements)
+        self._requests = Combiner(self._run_requests, kind=lambda request: isinstance(request, Vote))
         self._known_annotators: set[str] = set()  # already in the annotators table
         self._asked: dict[str, float] = {}  # who asked for a pair lately (monotonic time): the refill serves them
 

@@ -117,41 +117,63 @@ def test_a_vote_repeated_in_one_batch_or_a_retried_skip_gets_the_first_ones_id(t
     store.close()
 
 
-def crowd_batch_sizes(linger: float, callers: int = 8, calls: int = 12) -> list[int]:
-    """Callers that each run `calls` requests back to back (as people lease, vote, lease ...): the batch sizes."""
-    sizes: list[int] = []
+def crowd_batches(linger: float, kind=None, callers: int = 8, calls: int = 12, out_of_step: bool = False) -> list:
+    """Callers that each run `calls` requests back to back (as people lease, vote, lease ...): the items of each
+    batch, (caller, call number). `out_of_step`: half the callers start at call 1 (a vote while the others lease)."""
+    batches: list[list[tuple[int, int]]] = []
 
-    def batch(items: list[int]) -> list[int]:
-        sizes.append(len(items))
+    def batch(items: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        batches.append(items)
         time.sleep(0.005)  # a transaction's worth of work, during which the others queue up
         return items
 
-    combiner, start = Combiner(batch, linger=linger), threading.Barrier(callers)
+    combiner, start = Combiner(batch, linger=linger, kind=kind), threading.Barrier(callers)
 
     def call(number: int) -> None:
         start.wait()
-        for _ in range(calls):
-            assert combiner.run(number) == number
+        for step in range(calls):
+            step += int(out_of_step and number % 2)
+            assert combiner.run((number, step)) == (number, step)
 
     threads = [threading.Thread(target=call, args=(n,)) for n in range(callers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(30)
-    assert sum(sizes) == callers * calls  # every request answered, each once
-    return sizes
+    assert sorted(item for items in batches for item in items) == [
+        (n, step + int(out_of_step and n % 2)) for n in range(callers) for step in range(calls)
+    ]  # every request answered, each once
+    return batches
+
+
+def mean_size(batches: list[list]) -> float:
+    later = batches[2:]  # after the start
+    return sum(len(items) for items in later) / len(later)
 
 
 def test_a_crowd_keeps_sharing_one_batch_and_a_lone_caller_never_waits():
     """Callers that come straight back split into groups taking turns (each request then waits for two batches)
     unless the new leader lingers for the rest of the last batch (without it: batches of 1 and 7 taking turns); a
     caller alone must not pay that linger."""
-    split = crowd_batch_sizes(linger=0.0)
-    shared = crowd_batch_sizes(linger=0.05)  # generous for a busy machine: callers come back within a millisecond
-    assert sum(shared[2:]) / len(shared[2:]) >= 7.5  # all 8 in (nearly) every batch after the first two
-    assert sum(split[2:]) / len(split[2:]) < 6  # groups taking turns: what the linger is for
+    assert mean_size(crowd_batches(linger=0.0)) < 6  # groups taking turns: what the linger is for
+    assert mean_size(crowd_batches(linger=0.05)) >= 7.5  # all 8 in (nearly) every batch; 50 ms: a busy machine
 
     combiner = Combiner(lambda items: items, linger=1.0)
     began = time.monotonic()
     assert [combiner.run(n) for n in range(5)] == list(range(5))
     assert time.monotonic() - began < 1.0  # a last batch of one: nobody else to wait for
+
+
+def test_callers_alternating_two_kinds_settle_into_batches_of_one_kind():
+    """Leases and votes: a batch of one kind costs less than a mixed one. Half the crowd votes while the other half
+    leases: without `kind` every batch stays mixed; with it, a batch takes the oldest waiting item's kind only, and
+    the leader lingers for the callers it just answered, so the crowd settles into whole batches of one kind."""
+
+    def odd(item: tuple[int, int]) -> bool:
+        return item[1] % 2 == 1
+
+    mixed = crowd_batches(linger=0.05, out_of_step=True)
+    assert sum(len({odd(item) for item in items}) > 1 for items in mixed) >= len(mixed) - 3  # mixed all along
+    settled = crowd_batches(linger=0.05, kind=odd, out_of_step=True)
+    assert all(len({odd(item) for item in items}) == 1 for items in settled)  # never mixed
+    assert all(len(items) == 8 for items in settled[3:-2])  # and whole: everyone in each, once settled
