@@ -123,20 +123,21 @@ def _raw_rows(store) -> list[dict]:
 
 # _pair_rows in SQL, for the comparisons with ids in [$lo, $hi]: per effective comparison (in id order) the clear
 # winner over the loser when their texts differ, then a non-blank edited answer that differs from both originals
-# over answer A, then over answer B (B only when B != A); texts compared trimmed of $ws (str.strip()'s whitespace).
-# {prompt} is the prompt column: JSON text, or structs for parquet.
+# over answer A, then over answer B (B only when B != A); texts compared trimmed of $ws (str.strip()'s whitespace):
+# {ga_text} etc. are those columns so (storage.tallies.stripped). {prompt} is the prompt column: JSON text, or
+# structs for parquet.
 PAIR_ROWS = """
 SELECT id, k, prompt, good, bad FROM (
     SELECT c.id, 0 AS k, {prompt} AS prompt, CASE c.choice WHEN 'A' THEN ga.text ELSE gb.text END AS good,
            CASE c.choice WHEN 'A' THEN gb.text ELSE ga.text END AS bad
-    {judged} AND c.choice IN ('A', 'B') AND trim(ga.text, $ws) <> trim(gb.text, $ws)
+    {judged} AND c.choice IN ('A', 'B') AND {ga_text} <> {gb_text}
     UNION ALL
     SELECT id, k, prompt, good, bad FROM (
         SELECT c.id, {prompt} AS prompt, c.edited_answer AS edited, ga.text AS a, gb.text AS b
         {judged} AND c.edited_answer IS NOT NULL AND regexp_matches(c.edited_answer, $not_blank)
-            AND trim(c.edited_answer, $ws) NOT IN (trim(ga.text, $ws), trim(gb.text, $ws))) edits,
+            AND {c_edited_answer} NOT IN ({ga_text}, {gb_text})) edits,
     LATERAL (SELECT 1 AS k, edited AS good, a AS bad
-             UNION ALL SELECT 2, edited, b WHERE trim(b, $ws) <> trim(a, $ws)))"""
+             UNION ALL SELECT 2, edited, b WHERE {b} <> {a}))"""
 JUDGED = """FROM effective_comparisons c JOIN prompts p ON p.id = c.prompt_id
     JOIN generations ga ON ga.id = c.generation_a JOIN generations gb ON gb.id = c.generation_b
     WHERE c.id BETWEEN $lo AND $hi"""
@@ -153,11 +154,12 @@ def _write_pairs(store, fmt: str, path: Path, suffix: str) -> int:
     lines (DuckDB's to_json), or Arrow batches cast to the fixed parquet schema. Returns the rows written."""
     import pyarrow.parquet as pq
 
-    from storage.tallies import NOT_BLANK, WHITESPACE
+    from storage.tallies import NOT_BLANK, WHITESPACE, stripped
 
     jsonl, schema, count = suffix == ".jsonl", _schema(fmt), 0
     prompt = "p.messages::VARCHAR" if jsonl else "p.messages::JSON::STRUCT(role VARCHAR, content VARCHAR)[]"
-    rows = PAIR_ROWS.format(prompt=prompt, judged=JUDGED)
+    texts = {name.replace(".", "_"): stripped(name) for name in ("ga.text", "gb.text", "c.edited_answer", "a", "b")}
+    rows = PAIR_ROWS.format(prompt=prompt, judged=JUDGED, **texts)
     sql = f"SELECT {JSON_LINE if jsonl else PARQUET_COLUMNS} FROM ({rows}) ORDER BY id, k"
     tables = ("prompts", "generations", "comparisons")  # on PostgreSQL, DuckDB writes it from a copy of these
     with store.analytics(tables) as cur, path.open("wb") if jsonl else pq.ParquetWriter(path, schema) as out:

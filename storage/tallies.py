@@ -31,6 +31,13 @@ WHITESPACE = (  # what str.strip() removes: every character whose isspace() is t
 )
 NOT_BLANK = "[^" + "".join(f"\\x{{{ord(ch):x}}}" for ch in WHITESPACE) + "]"  # RE2: a character strip() keeps
 
+
+def stripped(text: str) -> str:
+    """DuckDB SQL of `text` without the surrounding $ws characters (str.strip()). trim() only when an end is one of
+    them: DuckDB's trim() reads the whole string (2M answers of 600 characters: 11.6 s; the test of the ends 0.2 s)."""
+    return f"(CASE WHEN contains($ws, {text}[1]) OR contains($ws, {text}[-1]) THEN trim({text}, $ws) ELSE {text} END)"
+
+
 # The signed rows that changed the effective set since watermark $low: +1 for each new effective row, -1 for each
 # older effective row a new row supersedes (unless an older row already had). Parameters: $low.
 CHANGED = f"""
@@ -60,12 +67,12 @@ MEASURES = {  # rows (choice, annotator, source, day, model label, signed count)
     # storage.exporters._pair_rows, counted: the clear winner over the loser when their texts differ, and an edited
     # answer (not blank, not equal to either original) over each distinct original; texts compared trimmed of $ws
     # (what str.strip() removes); only rows whose prompt and answers exist.
-    "usable": """
+    "usable": f"""
         SELECT NULL, NULL, NULL, NULL, NULL, coalesce(sum(c.sign * (
-            (c.choice IN ('A', 'B') AND trim(ga.text, $ws) <> trim(gb.text, $ws))::INTEGER
+            (c.choice IN ('A', 'B') AND {stripped("ga.text")} <> {stripped("gb.text")})::INTEGER
             + CASE WHEN regexp_matches(c.edited_answer, $not_blank)
-                        AND trim(c.edited_answer, $ws) NOT IN (trim(ga.text, $ws), trim(gb.text, $ws))
-                   THEN 1 + (trim(gb.text, $ws) <> trim(ga.text, $ws))::INTEGER
+                        AND {stripped("c.edited_answer")} NOT IN ({stripped("ga.text")}, {stripped("gb.text")})
+                   THEN 1 + ({stripped("gb.text")} <> {stripped("ga.text")})::INTEGER
                    ELSE 0 END)), 0)
         FROM changed c JOIN prompts p ON p.id = c.prompt_id
         JOIN generations ga ON ga.id = c.generation_a JOIN generations gb ON gb.id = c.generation_b""",
