@@ -64,7 +64,9 @@ def app_start(db: Path, model: Path, folder: Path, timeout: float) -> float | No
         port = probe.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     cmd = [sys.executable, "app.py", "--db", str(db), "--model", str(model), "--port", str(port),
-           "--runs-dir", str(folder / "app-runs"), "--queue-size", "2"]  # fmt: skip
+           "--runs-dir", str(folder / "app-runs"), "--queue-size", "2",
+           "--max-new-tokens", "64"]  # fmt: skip
+    # (--max-new-tokens: the tiny model holds 512 tokens, and the default 512 would leave none for a prompt)
     began = time.perf_counter()
     log = (folder / "app.log").open("w")
     child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
