@@ -11,9 +11,13 @@ comparisons at a time, so a million judgements never become Python objects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
+import threading
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,16 +176,47 @@ def _write_pairs(store, fmt: str, path: Path, suffix: str) -> int:
             ).fetchall()
         ]
         ends = [start - 1 for start in starts[1:]] + [2**63 - 1] * bool(starts)
-        for lo, hi in zip(starts, ends, strict=True):
-            params = {"not_blank": NOT_BLANK, "ws": WHITESPACE, "lo": lo, "hi": hi}
-            for batch in cur.sql(sql, params=params).to_arrow_reader(50_000):
-                if jsonl:
-                    out.write(_joined(batch.column(0)))
-                else:
-                    out.write_batch(batch.cast(schema))
-                count += batch.num_rows
+        with _written_behind(out.write if jsonl else out.write_batch) as write:
+            for lo, hi in zip(starts, ends, strict=True):
+                params = {"not_blank": NOT_BLANK, "ws": WHITESPACE, "lo": lo, "hi": hi}
+                for batch in cur.sql(sql, params=params).to_arrow_reader(50_000):
+                    write(_joined(batch.column(0)) if jsonl else batch.cast(schema))
+                    count += batch.num_rows
         cur.execute("ROLLBACK")
     return count
+
+
+@contextlib.contextmanager
+def _written_behind(write: Callable[[Any], Any]) -> Iterator[Callable[[Any], None]]:
+    """A function that hands each item to `write` on a thread of its own, so the file's writes overlap DuckDB's next
+    chunk (the 1M dpo export, 1.1 GB: 3.7-4.5 s -> 3.0 s; writing that much alone takes 3 s here). At most 4 items
+    wait (memory stays bounded). A failed write (a full disk) is raised to the caller, at its next item or at the end;
+    the caller's own failure stops the thread too."""
+    pending: queue.Queue = queue.Queue(maxsize=4)
+    failed: list[BaseException] = []
+
+    def drain() -> None:
+        while (item := pending.get()) is not None:
+            if not failed:  # after a failure the rest are dropped, so the caller never blocks on a full queue
+                try:
+                    write(item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    failed.append(exc)
+
+    def put(item) -> None:
+        if failed:
+            raise failed[0]
+        pending.put(item)
+
+    thread = threading.Thread(target=drain, name="export-writer", daemon=True)
+    thread.start()
+    try:
+        yield put
+    finally:
+        pending.put(None)
+        thread.join()
+    if failed:
+        raise failed[0]
 
 
 def _joined(lines) -> bytes | memoryview:

@@ -171,6 +171,32 @@ def test_export_replaces_an_old_file_whole(store, tmp_path):
     assert len(lines) == 8 and json.loads(lines[0])["chosen"] == reply("Good 1")
 
 
+@pytest.mark.parametrize("ext", [".jsonl", ".parquet"])
+def test_a_write_that_fails_midway_keeps_the_old_file_and_leaves_nothing(store, tmp_path, ext):
+    """The file is written on a thread of its own while DuckDB builds the next rows: a write the system refuses
+    halfway (here the file-size limit, as a full disk would) fails the export, not the writer thread silently."""
+    import random
+    import resource
+    import signal
+    import string
+
+    for n in range(40):  # ≈ 4 MB of rows that do not compress (parquet): more than the limit below
+        judge(store, 100 + n, "".join(random.Random(n).choices(string.ascii_letters, k=100_000)), f"{n} short", "A")
+    out = tmp_path / f"dpo{ext}"
+    out.write_text("old content\n")
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, limits[1]))  # a write past 1 MB: EFBIG, not a kill
+    try:
+        with pytest.raises(OSError):
+            export(store, "dpo", out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert out.read_text() == "old content\n"
+    assert [p.name for p in tmp_path.iterdir() if "dpo" in p.name] == [out.name]  # no part file left
+    assert export(store, "dpo", out) == 40  # and the next export works
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask-022", "umask-027"])
 def test_an_export_file_honours_the_umask_as_open_does(store, tmp_path, mask):
     """Not the 0600 of a private temp file: 0666 less the umask, like any file the process writes."""
