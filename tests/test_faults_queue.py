@@ -53,7 +53,10 @@ def test_a_person_who_skipped_everything_gets_new_pairs(store, engine):
         assert len(set(skipped)) == 4
         fresh = wait_for(lambda: queue.next_pair("alice"), timeout=30)
         assert fresh["pair_id"] not in skipped
-        assert queue.depth("alice") >= 1 and queue.depth() >= 5  # the skipped ones still wait for others
+        # the skipped ones still wait for others, and the refill tops up what alice has left (she holds `fresh`; the
+        # refill may still be generating the pair after it: asserted at once, this failed once in CI under load)
+        wait_for(lambda: queue.depth() >= 5)
+        assert queue.depth("alice") >= 1
         assert queue.next_pair("bob")["pair_id"] == skipped[0]  # others get the skipped pairs, oldest first
     finally:
         queue.stop()
