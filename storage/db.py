@@ -41,8 +41,10 @@ CLOSE_TRIES = 500  # × 10 ms: how long close() waits for another thread's query
 OWN_WINDOW = 100_000  # ids: a person's own recent judgements are looked for among the newest this many (cheap at 1M)
 COMPARISON_COLUMNS = ("pair_id", "prompt_id", "generation_a", "generation_b", "annotator", "choice", "rationale",
                       "edited_answer", "time_spent_s", "source", "supersedes", "dedupe_key")  # fmt: skip
-COMPARISON_TYPES = ("BIGINT", "BIGINT", "BIGINT", "BIGINT", "BIGINT", "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR",
-                    "DOUBLE", "VARCHAR", "BIGINT", "VARCHAR")  # id, then COMPARISON_COLUMNS  # fmt: skip
+COMPARISON_TYPES = {"id": "BIGINT", "pair_id": "BIGINT", "prompt_id": "BIGINT", "generation_a": "BIGINT",
+                    "generation_b": "BIGINT", "annotator": "VARCHAR", "choice": "VARCHAR", "rationale": "VARCHAR",
+                    "edited_answer": "VARCHAR", "time_spent_s": "DOUBLE", "source": "VARCHAR", "supersedes": "BIGINT",
+                    "dedupe_key": "VARCHAR"}  # fmt: skip
 
 
 class Store:
@@ -375,10 +377,13 @@ def insert_comparisons(cur, rows: list[list], annotators: list[str] | None = Non
         )
     sql = "SELECT nextval('comparisons_id_seq') FROM generate_series(1, ?)"
     ids = [int(r[0]) for r in cur.execute(sql, [len(rows)]).fetchall()]
-    columns = [ids, *(list(column) for column in zip(*rows, strict=True))]
-    columns[9] = [None if value is None else float(value) for value in columns[9]]  # time_spent_s: one type a list
-    values = ", ".join(f"unnest(?::{kind}[])" for kind in COMPARISON_TYPES)
-    cur.execute(f"INSERT INTO comparisons (id, {', '.join(COMPARISON_COLUMNS)}) SELECT {values}", columns)
+    fields = ("id", *COMPARISON_COLUMNS)  # each passed as one list of its COMPARISON_TYPES type: a list holds one
+    columns = [  # type, so a DOUBLE column's values all go as floats (3 and 2.5 seconds alike)
+        [None if value is None else float(value) for value in column] if COMPARISON_TYPES[name] == "DOUBLE" else column
+        for name, column in zip(fields, [ids, *(list(column) for column in zip(*rows, strict=True))], strict=True)
+    ]
+    values = ", ".join(f"unnest(?::{COMPARISON_TYPES[name]}[])" for name in fields)
+    cur.execute(f"INSERT INTO comparisons ({', '.join(fields)}) SELECT {values}", columns)
     return ids
 
 
